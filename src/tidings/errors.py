@@ -1,0 +1,137 @@
+"""One error hierarchy for everything tidings raises.
+
+    TidingsError
+    ├── ConfigurationError          a bus, handler, message class or URL is unusable (raised early)
+    │   ├── UnknownTransport        a transport URL with a scheme nobody implements
+    │   ├── DuplicateHandler        a second handler for a command or reply type
+    │   └── InvalidMessageType      a message class without a usable wire name
+    ├── NoRoute                     a command has no route, or the route leads nowhere
+    ├── TransportError              the broker or the embedded store failed us
+    │   ├── ConnectionFailed        could not connect (the URL is in the message, credentials redacted)
+    │   ├── PublishNotConfirmed     the transport did not confirm a message; it may not have been stored
+    │   └── TransportClosed         the transport was used before open() or after close()
+    ├── DecodeError                 bytes on the wire that are not a message we can read
+    │   (carries `reason`, a stable reason code, and the raw `headers` and `body`)
+    ├── HandlerIntent               raised by a handler to state what should happen to the message
+    │   ├── Retry                   try again later; not an error
+    │   └── Reject                  straight to the error queue
+    ├── RequestTimeout              no reply within the request's timeout
+    └── RemoteError                 the handler of a request failed for good (carries type and message)
+
+Dependency exceptions (sqlite3, aio-pika, SQLAlchemy) are translated into these at the boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = [
+    "ConfigurationError",
+    "ConnectionFailed",
+    "DecodeError",
+    "DuplicateHandler",
+    "HandlerIntent",
+    "InvalidMessageType",
+    "NoRoute",
+    "PublishNotConfirmed",
+    "Reject",
+    "RemoteError",
+    "RequestTimeout",
+    "Retry",
+    "TidingsError",
+    "TransportClosed",
+    "TransportError",
+    "UnknownTransport",
+]
+
+
+class TidingsError(Exception):
+    """The root of every error tidings raises."""
+
+
+class ConfigurationError(TidingsError):
+    """A bus, a handler registration, a message class or a URL is unusable."""
+
+
+class UnknownTransport(ConfigurationError):
+    """A transport URL whose scheme no transport implements."""
+
+
+class DuplicateHandler(ConfigurationError):
+    """A second handler registered for a command or a reply type (commands have one owner)."""
+
+
+class InvalidMessageType(ConfigurationError):
+    """A message class without a usable wire name, or something that is not a message class."""
+
+
+class NoRoute(TidingsError):
+    """A command that has no route, or whose route names a service with no queue."""
+
+
+class TransportError(TidingsError):
+    """The transport (broker, embedded store) failed."""
+
+
+class ConnectionFailed(TransportError):
+    """Could not connect to the transport."""
+
+
+class PublishNotConfirmed(TransportError):
+    """The transport did not confirm a message: it may or may not have been stored."""
+
+
+class TransportClosed(TransportError):
+    """The transport was used before it was opened or after it was closed."""
+
+
+class DecodeError(TidingsError):
+    """Bytes that are not a message we can read. `reason` is a stable code for the error queue."""
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: bytes = b"",
+    ) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.headers = dict(headers or {})
+        self.body = body
+
+
+class HandlerIntent(TidingsError):
+    """Base of the exceptions a handler raises to say what should happen to its message."""
+
+
+class Retry(HandlerIntent):
+    """Retry the message later. Not counted as a failure of the handler."""
+
+    def __init__(self, delay: float = 0.0, reason: str = "retry requested") -> None:
+        super().__init__(reason)
+        self.delay = delay
+        self.reason = reason
+
+
+class Reject(HandlerIntent):
+    """Send the message straight to the error queue, with this reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RequestTimeout(TidingsError):
+    """No reply arrived within the request's timeout."""
+
+
+class RemoteError(TidingsError):
+    """The handler of a request failed for good; carries the remote failure's type and message."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message

@@ -1,0 +1,33 @@
+"""Transports: the memory, SQLite and RabbitMQ implementations of the port in `base`."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from tidings.errors import UnknownTransport
+from tidings.transports.base import DeadLetter, Delivery, Transport, error_queue_of
+
+__all__ = ["DeadLetter", "Delivery", "Transport", "error_queue_of", "transport_from_url"]
+
+_SCHEMES = ("memory", "sqlite", "amqp", "amqps")
+
+
+def transport_from_url(url: str) -> Transport:
+    """Make (not open) the transport a URL names: `memory://`, `sqlite:///path.db`, `amqp://...`."""
+    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    if scheme == "memory":
+        from tidings.transports.memory import MemoryTransport
+
+        return MemoryTransport.from_url(url)
+    if scheme == "sqlite":
+        from tidings.transports.sqlite import SQLiteTransport
+
+        return SQLiteTransport.from_url(url)
+    if scheme in ("amqp", "amqps"):
+        from tidings.transports.rabbitmq import RabbitMQTransport
+
+        return RabbitMQTransport.from_url(url)
+    raise UnknownTransport(
+        f"no transport for URL scheme {scheme!r} in {url.split('@')[-1]!r}; "
+        f"known schemes: {', '.join(_SCHEMES)}"
+    )
