@@ -37,9 +37,7 @@ DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 ATTRIBUTE_NAME = re.compile(r"^[a-z0-9]{1,20}$")
 
 _REQUIRED = ("id", "source", "type", "specversion")
-_OWN = frozenset(
-    {*_REQUIRED, "time", "datacontenttype", "subject", "correlationid", "causationid"}
-)
+_OWN = frozenset({*_REQUIRED, "time", "datacontenttype", "subject", "correlationid", "causationid"})
 
 
 def new_message_id() -> str:
@@ -132,7 +130,10 @@ class Envelope:
             moment = _parse_time(headers["time"]) if "time" in headers else datetime.now(UTC)
         except ValueError:
             raise DecodeError(
-                "bad-attribute", f"time {headers['time']!r} is not RFC 3339", headers=headers, body=body
+                "bad-attribute",
+                f"time {headers['time']!r} is not RFC 3339",
+                headers=headers,
+                body=body,
             ) from None
         return cls(
             id=headers["id"],

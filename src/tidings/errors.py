@@ -10,6 +10,8 @@
     │   ├── ConnectionFailed        could not connect (the URL is in the message, credentials redacted)
     │   ├── PublishNotConfirmed     the transport did not confirm a message; it may not have been stored
     │   └── TransportClosed         the transport was used before open() or after close()
+    ├── Unavailable                 a dependency (database, broker) is down: the message goes back
+    │                               unhandled, not counted as a failure of the handler
     ├── DecodeError                 bytes on the wire that are not a message we can read
     │   (carries `reason`, a stable reason code, and the raw `headers` and `body`)
     ├── HandlerIntent               raised by a handler to state what should happen to the message
@@ -41,6 +43,7 @@ __all__ = [
     "TidingsError",
     "TransportClosed",
     "TransportError",
+    "Unavailable",
     "UnknownTransport",
 ]
 
@@ -83,6 +86,14 @@ class PublishNotConfirmed(TransportError):
 
 class TransportClosed(TransportError):
     """The transport was used before it was opened or after it was closed."""
+
+
+class Unavailable(TidingsError):
+    """A dependency the bus needs (database, broker) is unavailable right now.
+
+    Raised inside the consume path, it sends the message back for later without counting a failed
+    attempt: infrastructure errors must not push good messages to the error queue.
+    """
 
 
 class DecodeError(TidingsError):

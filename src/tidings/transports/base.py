@@ -111,9 +111,7 @@ class Transport(ABC):
         """Copy an event into every queue bound to its type; return once durable."""
 
     @abstractmethod
-    async def send(
-        self, envelope: Envelope, queue: str, *, not_before: datetime | None = None
-    ) -> None:
+    async def send(self, envelope: Envelope, queue: str, *, not_before: datetime | None = None) -> None:
         """Put a command or reply into `queue`; `NoRoute` if no such queue; return once durable."""
 
     @abstractmethod

@@ -8,6 +8,7 @@ system. Nothing survives the process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 from collections import deque
@@ -113,9 +114,7 @@ class _MemoryDelivery(Delivery):
 
     async def dead_letter(self, headers: Mapping[str, str]) -> None:
         self._settle()
-        self._transport.broker.queue(error_queue_of(self._queue)).put(
-            _Stored(dict(headers), self.body)
-        )
+        self._transport.broker.queue(error_queue_of(self._queue)).put(_Stored(dict(headers), self.body))
 
     async def release(self) -> None:
         self._settle().put_back(self._item)
@@ -180,13 +179,9 @@ class MemoryTransport(Transport):
             if queue in self.broker.queues:
                 self.broker.queues[queue].put(_Stored(headers, envelope.body), visible_at)
 
-    async def send(
-        self, envelope: Envelope, queue: str, *, not_before: datetime | None = None
-    ) -> None:
+    async def send(self, envelope: Envelope, queue: str, *, not_before: datetime | None = None) -> None:
         self._check()
-        self.broker.queue(queue).put(
-            _Stored(envelope.to_headers(), envelope.body), _visible_at(not_before)
-        )
+        self.broker.queue(queue).put(_Stored(envelope.to_headers(), envelope.body), _visible_at(not_before))
 
     async def receive(self, queue: str, *, prefetch: int) -> AsyncIterator[Delivery]:
         self._check()
@@ -212,10 +207,8 @@ class MemoryTransport(Transport):
         due = state.next_due()
         # Woken by a put or a settle; the timeout covers delayed messages coming due and close().
         timeout = min(0.5, max(0.0, due - _clock())) if (due is not None and has_room) else 0.5
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.changed.wait(), timeout)
-        except TimeoutError:
-            pass
 
     async def dead_letters(self, queue: str, *, limit: int = 100) -> Sequence[DeadLetter]:
         self._check()

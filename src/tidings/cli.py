@@ -1,0 +1,44 @@
+"""The `tidings` command line: `tidings run package.module:bus [--concurrency N]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from tidings.errors import TidingsError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidings", description="The tidings service bus.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="consume a service's messages until SIGINT/SIGTERM")
+    run.add_argument("bus", help="the bus to run, as package.module:attribute")
+    run.add_argument("--concurrency", type=int, default=None, help="handlers at once")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tidings` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "run":
+            from tidings.worker import load_bus, run_worker
+
+            asyncio.run(run_worker(load_bus(args.bus), concurrency=args.concurrency))
+    except TidingsError as error:
+        print(f"tidings: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The consume path: decode -> check -> handle (through the middleware chain) -> settle.
+
+Each delivery ends settled exactly once:
+- undecodable, unknown type, invalid payload, delivered too often: the error queue with a reason
+  code, no handler call, no retry;
+- handled: ack (a returned `Reply` is sent back to the requester first);
+- the handler raised: immediate retries in process, then delayed retries through the transport,
+  then the error queue with the fault attached (`tidings.faults`);
+- `Retry` / `Reject` from the handler: later without counting a failure / straight to the error queue;
+- `Unavailable` or a `TransportError` (a dependency is down): back to the queue for later, not
+  counted as a failure of the handler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import ValidationError
+
+from tidings.context import Context
+from tidings.envelope import DEFAULT_MAX_BODY_SIZE, Envelope, decode_body
+from tidings.errors import DecodeError, Reject, Retry, TransportError, Unavailable
+from tidings.faults import fault_headers, first_failure_time
+from tidings.headers import ATTEMPT, FAULT_PREFIX
+from tidings.messages import Message
+from tidings.retry import RetryPolicy
+from tidings.transports.base import Delivery
+
+if TYPE_CHECKING:
+    from tidings.bus import Bus
+
+__all__ = ["Handler", "Middleware", "Next", "Pipeline", "Registration", "Stats"]
+
+log = logging.getLogger("tidings.pipeline")
+
+#: How long a message waits before it is tried again when a dependency was unavailable.
+UNAVAILABLE_DELAY = 1.0
+
+
+class Handler(Protocol):
+    """A user's handler: `async def handle(message, ctx) -> Reply | None`."""
+
+    def __call__(self, message: Any, ctx: Context, /) -> Awaitable[Any]: ...
+
+
+Next = Callable[[Context, Message], Awaitable[Any]]
+#: Middleware wraps the next step: `async def mw(ctx, message, call_next): return await call_next(...)`.
+Middleware = Callable[[Context, Message, Next], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A handler bound to one message type, with an optional retry policy of its own."""
+
+    message_type: type[Message]
+    handler: Handler
+    retry: RetryPolicy | None = None
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters of what the consume path did, for the demo, tests and health checks."""
+
+    handled: int = 0
+    failed_attempts: int = 0
+    retries_scheduled: int = 0
+    dead_lettered: int = 0
+    duplicates: int = 0
+    unavailable: int = 0
+
+
+class Pipeline:
+    """Runs one delivery through the consume path and settles it."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        registrations: Mapping[str, Registration],
+        middleware: Sequence[Middleware],
+        retry: RetryPolicy,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        max_deliveries: int = 10,
+    ) -> None:
+        self.bus = bus
+        self.registrations = registrations
+        self.middleware = middleware
+        self.retry = retry
+        self.max_body_size = max_body_size
+        self.max_deliveries = max_deliveries
+        self.stats = Stats()
+
+    async def process(self, delivery: Delivery, queue: str) -> None:
+        """Handle and settle one delivery. Never raises: a failure to settle is logged."""
+        try:
+            await self._process(delivery, queue)
+        except Exception:
+            # The delivery may be unsettled now; the transport brings it back (visibility
+            # timeout, connection loss). Losing the consumer loop would be worse.
+            log.exception("could not settle a message from %s", queue)
+
+    async def _process(self, delivery: Delivery, queue: str) -> None:
+        round_number = _round_of(delivery.headers)
+        try:
+            envelope = Envelope.from_headers(delivery.headers, delivery.body)
+        except DecodeError as error:
+            await self._dead_letter(delivery, queue, error.reason, detail=error.detail)
+            return
+        if delivery.delivery_count > self.max_deliveries:
+            detail = f"delivered {delivery.delivery_count} times without being settled"
+            await self._dead_letter(delivery, queue, "delivery-limit", detail=detail)
+            return
+        registration = self.registrations.get(envelope.type)
+        if registration is None:
+            detail = f"service {self.bus.service!r} has no handler for {envelope.type!r}"
+            await self._dead_letter(delivery, queue, "unknown-type", detail=detail)
+            return
+        try:
+            message = registration.message_type.model_validate(
+                decode_body(envelope, max_size=self.max_body_size)
+            )
+        except DecodeError as error:
+            await self._dead_letter(delivery, queue, error.reason, detail=error.detail)
+            return
+        except ValidationError as error:
+            await self._dead_letter(delivery, queue, "invalid-payload", error=error)
+            return
+        await self._handle(delivery, queue, envelope, message, registration, round_number)
+
+    async def _handle(
+        self,
+        delivery: Delivery,
+        queue: str,
+        envelope: Envelope,
+        message: Message,
+        registration: Registration,
+        round_number: int,
+    ) -> None:
+        policy = registration.retry or self.retry
+        calls_per_round = policy.immediate + 1
+        for immediate in range(calls_per_round):
+            attempt = (round_number - 1) * calls_per_round + immediate + 1
+            ctx = Context(bus=self.bus, envelope=envelope, attempt=attempt, queue=queue)
+            try:
+                result = await self._call(ctx, message, registration)
+            except Retry as intent:
+                self.stats.retries_scheduled += 1
+                await delivery.retry_later(intent.delay, delivery.headers)
+                return
+            except Reject as intent:
+                await self._dead_letter(
+                    delivery, queue, "rejected", error=intent, attempts=attempt, envelope=envelope
+                )
+                return
+            except (Unavailable, TransportError) as error:
+                # Not the handler's fault: back for later, the attempt not counted.
+                self.stats.unavailable += 1
+                log.warning("%s unavailable, message %s back to %s", error, envelope.id, queue)
+                await delivery.retry_later(UNAVAILABLE_DELAY, delivery.headers)
+                return
+            except Exception as error:
+                self.stats.failed_attempts += 1
+                log.warning(
+                    "handler for %s failed on %s (attempt %d): %r",
+                    envelope.type,
+                    envelope.id,
+                    attempt,
+                    error,
+                )
+                if not policy.retries(error):
+                    await self._dead_letter(
+                        delivery,
+                        queue,
+                        "not-retryable",
+                        error=error,
+                        attempts=attempt,
+                        envelope=envelope,
+                    )
+                    return
+                if immediate + 1 < calls_per_round:
+                    continue
+                delay = policy.delay_after(round_number)
+                if delay is None:
+                    await self._dead_letter(
+                        delivery,
+                        queue,
+                        "handler-failed",
+                        error=error,
+                        attempts=attempt,
+                        envelope=envelope,
+                    )
+                    return
+                self.stats.retries_scheduled += 1
+                headers = dict(delivery.headers)
+                headers[ATTEMPT] = str(round_number + 1)
+                headers[FAULT_PREFIX + "first-time"] = first_failure_time(delivery.headers)
+                await delivery.retry_later(delay, headers)
+                return
+            else:
+                if result is not None:
+                    await self.bus.reply_to(ctx, result)
+                await delivery.ack()
+                self.stats.handled += 1
+                return
+
+    async def _call(self, ctx: Context, message: Message, registration: Registration) -> Any:
+        async def call_handler(ctx: Context, message: Message) -> Any:
+            return await registration.handler(message, ctx)
+
+        call: Next = call_handler
+        for middleware in reversed(self.middleware):
+            call = _bind(middleware, call)
+        return await call(ctx, message)
+
+    async def _dead_letter(
+        self,
+        delivery: Delivery,
+        queue: str,
+        reason: str,
+        *,
+        error: BaseException | None = None,
+        detail: str | None = None,
+        attempts: int = 0,
+        envelope: Envelope | None = None,
+    ) -> None:
+        log.warning("dead-lettering a message from %s: %s", queue, reason)
+        headers = fault_headers(
+            delivery.headers,
+            reason=reason,
+            service=self.bus.service,
+            queue=queue,
+            attempts=attempts,
+            error=error,
+            detail=detail,
+        )
+        await delivery.dead_letter(headers)
+        self.stats.dead_lettered += 1
+        if envelope is not None:
+            await self.bus.on_dead_letter(envelope, headers)
+
+
+def _bind(middleware: Middleware, call_next: Next) -> Next:
+    async def call(ctx: Context, message: Message) -> Any:
+        return await middleware(ctx, message, call_next)
+
+    return call
+
+
+def _round_of(headers: Mapping[str, str]) -> int:
+    try:
+        return max(1, int(headers.get(ATTEMPT, "1")))
+    except ValueError:
+        return 1

@@ -1,0 +1,50 @@
+"""Running a bus as a worker process: load it by path, consume until SIGINT/SIGTERM.
+
+On a signal the worker stops taking messages, lets the in-flight handlers finish and settle their
+messages, disconnects and returns (exit code 0). A second signal is not special: the first one is
+already being honoured, and the transports give back whatever is left unsettled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import signal
+import sys
+
+from tidings.bus import Bus
+from tidings.errors import ConfigurationError
+
+__all__ = ["load_bus", "run_worker"]
+
+
+def load_bus(path: str) -> Bus:
+    """Import `package.module:attribute` and return the `Bus` it names."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(f"expected 'package.module:bus', got {path!r}")
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # like `python -m`: modules in the working directory are found
+    module = importlib.import_module(module_name)
+    bus = getattr(module, attribute, None)
+    if not isinstance(bus, Bus):
+        raise ConfigurationError(f"{path!r} is {type(bus).__name__}, not a tidings Bus")
+    return bus
+
+
+async def run_worker(bus: Bus, *, concurrency: int | None = None) -> None:
+    """Run `bus` until SIGINT or SIGTERM, then stop cleanly."""
+    if concurrency is not None:
+        if concurrency < 1:
+            raise ConfigurationError("--concurrency must be at least 1")
+        bus.concurrency = concurrency
+        bus.prefetch = max(bus.prefetch, concurrency)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, bus.stop)
+    try:
+        async with bus:
+            await bus.run()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
