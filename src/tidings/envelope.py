@@ -10,6 +10,7 @@ and `tracestate`); every other key is a free-form header. A transport may rename
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time as _time
@@ -149,8 +150,27 @@ class Envelope:
         )
 
 
+#: Longest integer literal accepted. Converting digits to an int is quadratic; Python's own guard
+#: (`sys.set_int_max_str_digits`) is process-wide and an application may lift it.
+MAX_INTEGER_DIGITS = 4300
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"non-finite number {name}")
+
+
+def _parse_float(text: str) -> float:
+    # `1e999` is valid JSON that Python reads as inf: as hostile as a literal Infinity.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite number {text[:40]}")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise ValueError(f"integer of {len(text)} digits exceeds {MAX_INTEGER_DIGITS}")
+    return int(text)
 
 
 def decode_body(envelope: Envelope, *, max_size: int = DEFAULT_MAX_BODY_SIZE) -> Any:
@@ -173,7 +193,9 @@ def decode_body(envelope: Envelope, *, max_size: int = DEFAULT_MAX_BODY_SIZE) ->
     except UnicodeDecodeError as error:
         raise fail("not-utf8", str(error)) from None
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(
+            text, parse_constant=_refuse_constant, parse_float=_parse_float, parse_int=_parse_int
+        )
     except RecursionError:
         raise fail("too-deep", "JSON nested too deeply") from None
     except json.JSONDecodeError as error:

@@ -18,8 +18,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import ValidationError
-
 from tidings.context import Context
 from tidings.envelope import DEFAULT_MAX_BODY_SIZE, Envelope, decode_body
 from tidings.errors import DecodeError, Reject, Retry, TransportError, Unavailable
@@ -125,7 +123,10 @@ class Pipeline:
         except DecodeError as error:
             await self._dead_letter(delivery, queue, error.reason, detail=error.detail)
             return
-        except ValidationError as error:
+        except Exception as error:
+            # Validators may raise more than ValidationError (TypeError, RecursionError, ...). A
+            # payload the model cannot be built from is bad input whatever the exception: retrying
+            # cannot help, and letting it escape would leave the delivery unsettled.
             await self._dead_letter(delivery, queue, "invalid-payload", error=error)
             return
         await self._handle(delivery, queue, envelope, message, registration, round_number)
@@ -141,18 +142,31 @@ class Pipeline:
     ) -> None:
         policy = registration.retry or self.retry
         calls_per_round = policy.immediate + 1
+        # Noted at the first failure of this round: immediate retries of a slow handler can take a
+        # while, and the error queue should say when the trouble started, not when it ended.
+        first_failure = delivery.headers.get(FAULT_PREFIX + "first-time")
         for immediate in range(calls_per_round):
             attempt = (round_number - 1) * calls_per_round + immediate + 1
             ctx = Context(bus=self.bus, envelope=envelope, attempt=attempt, queue=queue)
             try:
                 result = await self._call(ctx, message, registration)
+                if result is not None:
+                    # Inside the try: a reply that cannot be sent is a failed attempt, retried like
+                    # one, instead of an exception that would leave the delivery unsettled.
+                    await self.bus.reply_to(ctx, result)
             except Retry as intent:
                 self.stats.retries_scheduled += 1
                 await delivery.retry_later(intent.delay, delivery.headers)
                 return
             except Reject as intent:
                 await self._dead_letter(
-                    delivery, queue, "rejected", error=intent, attempts=attempt, envelope=envelope
+                    delivery,
+                    queue,
+                    "rejected",
+                    error=intent,
+                    attempts=attempt,
+                    envelope=envelope,
+                    first_failure=first_failure,
                 )
                 return
             except (Unavailable, TransportError) as error:
@@ -163,6 +177,7 @@ class Pipeline:
                 return
             except Exception as error:
                 self.stats.failed_attempts += 1
+                first_failure = first_failure or first_failure_time(delivery.headers)
                 log.warning(
                     "handler for %s failed on %s (attempt %d): %r",
                     envelope.type,
@@ -178,6 +193,7 @@ class Pipeline:
                         error=error,
                         attempts=attempt,
                         envelope=envelope,
+                        first_failure=first_failure,
                     )
                     return
                 if immediate + 1 < calls_per_round:
@@ -191,17 +207,16 @@ class Pipeline:
                         error=error,
                         attempts=attempt,
                         envelope=envelope,
+                        first_failure=first_failure,
                     )
                     return
                 self.stats.retries_scheduled += 1
                 headers = dict(delivery.headers)
                 headers[ATTEMPT] = str(round_number + 1)
-                headers[FAULT_PREFIX + "first-time"] = first_failure_time(delivery.headers)
+                headers[FAULT_PREFIX + "first-time"] = first_failure
                 await delivery.retry_later(delay, headers)
                 return
             else:
-                if result is not None:
-                    await self.bus.reply_to(ctx, result)
                 await delivery.ack()
                 self.stats.handled += 1
                 return
@@ -225,10 +240,14 @@ class Pipeline:
         detail: str | None = None,
         attempts: int = 0,
         envelope: Envelope | None = None,
+        first_failure: str | None = None,
     ) -> None:
         log.warning("dead-lettering a message from %s: %s", queue, reason)
+        original = dict(delivery.headers)
+        if first_failure is not None:
+            original[FAULT_PREFIX + "first-time"] = first_failure
         headers = fault_headers(
-            delivery.headers,
+            original,
             reason=reason,
             service=self.bus.service,
             queue=queue,
