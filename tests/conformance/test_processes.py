@@ -49,6 +49,8 @@ class Processes:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
 
 
 @pytest.fixture
@@ -149,6 +151,7 @@ async def test_a_confirmed_send_survives_kill_9_of_the_sender(
         os.kill(sender.pid, signal.SIGKILL)
         sender.wait()
     confirmed.extend(int(line) for line in sender.stdout.read().split())
+    sender.stdout.close()
 
     run = asyncio.create_task(ordering.run())
     try:
