@@ -2,6 +2,7 @@
 
 from tidings.bus import Bus
 from tidings.context import Context
+from tidings.dead_letters import DeadLetters
 from tidings.envelope import Envelope
 from tidings.errors import (
     ConfigurationError,
@@ -38,6 +39,7 @@ __all__ = [
     "Context",
     # Transports (the port, for writing one; users pass a URL)
     "DeadLetter",
+    "DeadLetters",
     "DecodeError",
     "Delivery",
     "DuplicateHandler",

@@ -1,4 +1,8 @@
-"""The `tidings` command line: `tidings run package.module:bus [--concurrency N]`."""
+"""The `tidings` command line.
+
+tidings run package.module:bus [--concurrency N]
+tidings dead-letters list|show ID|replay ID...|replay --all|purge --service NAME [--transport URL]
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from tidings import dead_letters
 from tidings.errors import TidingsError
 
 __all__ = ["main"]
@@ -20,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="consume a service's messages until SIGINT/SIGTERM")
     run.add_argument("bus", help="the bus to run, as package.module:attribute")
     run.add_argument("--concurrency", type=int, default=None, help="handlers at once")
+    dead_letters.add_command(commands)
     return parser
 
 
@@ -34,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tidings.worker import load_bus, run_worker
 
             asyncio.run(run_worker(load_bus(args.bus), concurrency=args.concurrency))
+        elif args.command == "dead-letters":
+            return dead_letters.run_command(args)
     except TidingsError as error:
         print(f"tidings: {error}", file=sys.stderr)
         return 2
