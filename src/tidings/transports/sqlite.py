@@ -1,0 +1,388 @@
+"""The SQLite transport: the embedded default. Several processes on one machine share one file.
+
+    sqlite:///shop.db                           shop.db in the working directory
+    sqlite:////var/lib/shop/bus.db              an absolute path
+    sqlite:///shop.db?visibility_timeout=2      seconds before a dead consumer's messages come back
+
+Query parameters (all optional): `visibility_timeout` (seconds, default 30), `busy_timeout`
+(seconds to wait for another process's write lock, default 5), `synchronous` (`normal`, the
+default, or `full`), `max_poll_interval` (seconds, default 0.15).
+
+Durability. The database runs in WAL mode with `synchronous=NORMAL`: a commit is appended to the
+write-ahead log, which lives in the OS page cache until a checkpoint. So once `publish()` or
+`send()` returned, the message survives kill -9 of any process (the kernel still has the pages);
+only a power cut or an OS crash can lose the last commits. `synchronous=full` fsyncs every commit
+and survives those too, at a cost of one fsync per batch.
+
+Delivery. A consumer claims messages: each claimed row records the instance holding it and a
+deadline (`visible_at`) the instance renews while it lives. A message whose holder died comes
+back when the deadline passes, with `delivery_count` one higher. Publish order is claim order.
+
+Speed. All SQL of one transport instance runs on one thread of its own (`sqlite_worker`), which
+commits whatever requests are waiting in one transaction (group commit); a claim takes up to
+`prefetch` rows at once. A commit wakes receivers in the same process at once; receivers in other
+processes poll `PRAGMA data_version` (cheap, no lock), fast while messages flow, backing off to
+`max_poll_interval` when idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from functools import partial
+from typing import Any, Literal, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+from tidings.envelope import Envelope
+from tidings.errors import ConfigurationError, TransportClosed
+from tidings.transports import sqlite_schema as schema
+from tidings.transports.base import DeadLetter, Delivery, Transport
+from tidings.transports.sqlite_worker import Worker, listen, unlisten
+
+__all__ = ["SQLiteSettings", "SQLiteTransport"]
+
+T = TypeVar("T")
+
+#: The first poll after messages stopped coming; each empty poll doubles it.
+_MIN_POLL_INTERVAL = 0.001
+#: How long a receiver with no room (prefetch reached) sleeps before looking at `close()` again.
+_FULL_WAIT = 0.5
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SQLiteSettings:
+    """Where the database is and how the transport uses it."""
+
+    path: str
+    visibility_timeout: float = 30.0
+    busy_timeout: float = 5.0
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    max_poll_interval: float = 0.15
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigurationError("the SQLite transport needs a database path")
+        for name in ("visibility_timeout", "busy_timeout", "max_poll_interval"):
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(f"{name} must be a positive number of seconds")
+        if self.synchronous not in ("NORMAL", "FULL"):
+            raise ConfigurationError("synchronous must be 'normal' or 'full'")
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteSettings:
+        """Read `sqlite:///relative.db` or `sqlite:////absolute.db`, with query parameters."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "sqlite" or parts.netloc:
+            raise ConfigurationError(f"not a SQLite URL (sqlite:///path.db): {url!r}")
+        # Like SQLAlchemy: the third slash ends the empty authority; a fourth starts a root path.
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        numbers = {"visibility_timeout", "busy_timeout", "max_poll_interval"}
+        known = {f.name for f in fields(cls)} - {"path"}
+        options: dict[str, Any] = {}
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key not in known:
+                raise ConfigurationError(
+                    f"unknown SQLite URL parameter {key!r}; known: {', '.join(sorted(known))}"
+                )
+            try:
+                options[key] = float(value) if key in numbers else value.upper()
+            except ValueError:
+                raise ConfigurationError(f"{key} must be a number of seconds, not {value!r}") from None
+        return cls(path=path, **options)
+
+
+def _timestamp(moment: datetime | None) -> float | None:
+    return None if moment is None else moment.timestamp()
+
+
+class _Receiver:
+    """The state of one `receive()` iterator."""
+
+    __slots__ = (
+        "claim_now",
+        "interval",
+        "next_due",
+        "prefetch",
+        "prefetched",
+        "queue",
+        "seen_version",
+        "unsettled",
+        "wake",
+    )
+
+    def __init__(self, queue: str, prefetch: int) -> None:
+        self.queue = queue
+        self.prefetch = prefetch
+        #: Claimed, not yet yielded (goes back to the queue when the iterator closes).
+        self.prefetched: deque[schema.Row] = deque()
+        self.unsettled = 0
+        #: Set by a local commit to this queue, a settle (room under prefetch) and close().
+        self.wake = asyncio.Event()
+        # Polling: claim without asking first (the last claim was full); else the poll interval
+        # (doubling while idle), when the queue's next message comes due, the last data_version.
+        self.claim_now = True
+        self.interval = _MIN_POLL_INTERVAL
+        self.next_due: float | None = None
+        self.seen_version: int | None = None
+
+
+class _SQLiteDelivery(Delivery):
+    __slots__ = ("_receiver", "_seq", "_settled", "_transport")
+
+    def __init__(self, transport: SQLiteTransport, receiver: _Receiver, row: schema.Row) -> None:
+        self.headers = row.headers
+        self.body = row.body
+        self.delivery_count = row.delivery_count
+        self._transport = transport
+        self._receiver = receiver
+        self._seq = row.seq
+        self._settled = False
+
+    async def _settle(self, run: Callable[[schema.Batch], None]) -> None:
+        # Settling twice is a no-op, and so is settling after close(): close() already gave the
+        # message back to its queue, where it will be delivered again.
+        if self._settled:
+            return
+        self._settled = True
+        self._receiver.unsettled -= 1
+        self._receiver.wake.set()
+        if self._transport.is_open:
+            await self._transport._submit(run)
+
+    async def ack(self) -> None:
+        await self._settle(partial(schema.ack, seq=self._seq, delivery_count=self.delivery_count))
+
+    async def retry_later(self, delay: float, headers: Mapping[str, str]) -> None:
+        await self._settle(
+            partial(
+                schema.retry_later,
+                queue=self._receiver.queue,
+                seq=self._seq,
+                delivery_count=self.delivery_count,
+                headers=json.dumps(dict(headers)),
+                delay=delay,
+            )
+        )
+
+    async def dead_letter(self, headers: Mapping[str, str]) -> None:
+        await self._settle(
+            partial(
+                schema.dead_letter,
+                queue=self._receiver.queue,
+                seq=self._seq,
+                delivery_count=self.delivery_count,
+                headers=json.dumps(dict(headers)),
+            )
+        )
+
+    async def release(self) -> None:
+        rows = [(self._seq, self.delivery_count)]
+        await self._settle(partial(schema.release, queue=self._receiver.queue, rows=rows, handed_out=True))
+
+
+class SQLiteTransport(Transport):
+    """A transport whose queues are tables in one SQLite file, shared by local processes."""
+
+    def __init__(self, settings: SQLiteSettings, *, url: str | None = None) -> None:
+        self.settings = settings
+        self.url = url if url is not None else f"sqlite:///{settings.path}"
+        # Receivers in this process are woken by path, so two spellings of one file must meet.
+        self._path = os.path.realpath(settings.path)
+        self._worker: Worker | None = None
+        self._listener: int | None = None
+        self._receivers: set[_Receiver] = set()
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteTransport:
+        return cls(SQLiteSettings.from_url(url), url=url)
+
+    @property
+    def is_open(self) -> bool:
+        return self._worker is not None
+
+    def _submit(self, run: Callable[[schema.Batch], T], *, write: bool = True) -> asyncio.Future[T]:
+        if self._worker is None:
+            raise TransportClosed(f"{self.url} is not open")
+        return self._worker.submit(run, write=write)
+
+    async def open(self) -> None:
+        if self._worker is not None:
+            return
+        worker = Worker(
+            path=self.settings.path,
+            url=self.url,
+            instance=uuid.uuid4().hex,
+            lease=self.settings.visibility_timeout,
+            busy_timeout=self.settings.busy_timeout,
+            synchronous=self.settings.synchronous,
+        )
+        await worker.start()
+        self._worker = worker
+        self._listener = listen(self._path, asyncio.get_running_loop(), self._on_local_commit)
+
+    def _on_local_commit(self, queues: set[str]) -> None:
+        for receiver in self._receivers:
+            if receiver.queue in queues:
+                receiver.wake.set()
+
+    async def close(self) -> None:
+        worker = self._worker
+        if worker is None:
+            return
+        # Submitted before the worker is marked closed, and run after everything already queued.
+        prefetched = [
+            (receiver.queue, row.seq, row.delivery_count)
+            for receiver in self._receivers
+            for row in receiver.prefetched
+        ]
+        closing = worker.submit(partial(schema.close_instance, prefetched=prefetched))
+        self._worker = None
+        if self._listener is not None:
+            unlisten(self._path, self._listener)
+            self._listener = None
+        for receiver in self._receivers:
+            receiver.prefetched.clear()
+            receiver.wake.set()  # so that each raises TransportClosed now, not at its next poll
+        try:
+            await closing
+        finally:
+            await worker.stop()
+
+    async def declare_queue(self, queue: str, *, temporary: bool = False) -> None:
+        await self._submit(partial(schema.declare_queue, queue=queue, temporary=temporary))
+
+    async def bind(self, queue: str, event_type: str) -> None:
+        await self._submit(partial(schema.bind, queue=queue, event_type=event_type))
+
+    async def unbind(self, queue: str, event_type: str) -> None:
+        await self._submit(partial(schema.unbind, queue=queue, event_type=event_type))
+
+    async def publish(self, envelope: Envelope, *, not_before: datetime | None = None) -> None:
+        await self._submit(
+            partial(
+                schema.publish,
+                event_type=envelope.type,
+                message_id=envelope.id,
+                headers=json.dumps(envelope.to_headers()),
+                body=envelope.body,
+                not_before=_timestamp(not_before),
+            )
+        )
+
+    async def send(self, envelope: Envelope, queue: str, *, not_before: datetime | None = None) -> None:
+        await self._submit(
+            partial(
+                schema.send,
+                queue=queue,
+                message_id=envelope.id,
+                headers=json.dumps(envelope.to_headers()),
+                body=envelope.body,
+                not_before=_timestamp(not_before),
+            )
+        )
+
+    async def receive(self, queue: str, *, prefetch: int) -> AsyncIterator[Delivery]:
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        await self._submit(partial(schema.require_queue, queue=queue), write=False)
+        receiver = _Receiver(queue, prefetch)
+        self._receivers.add(receiver)
+        try:
+            while True:
+                row = await self._next_row(receiver)
+                receiver.unsettled += 1
+                yield _SQLiteDelivery(self, receiver, row)
+        finally:
+            self._receivers.discard(receiver)
+            if receiver.prefetched and self._worker is not None:
+                rows = [(row.seq, row.delivery_count) for row in receiver.prefetched]
+                receiver.prefetched.clear()
+                # Submitted before awaiting: the rows go back even if this task is cancelled.
+                await self._submit(partial(schema.release, queue=queue, rows=rows, handed_out=False))
+
+    async def _next_row(self, receiver: _Receiver) -> schema.Row:
+        """The next claimed row, once `receiver` has room under its prefetch."""
+        while True:
+            if self._worker is None:
+                raise TransportClosed(f"{self.url} is closed")
+            if receiver.prefetched:
+                return receiver.prefetched.popleft()
+            room = receiver.prefetch - receiver.unsettled
+            if room <= 0:
+                receiver.wake.clear()
+                await _wait(receiver.wake, _FULL_WAIT)
+                continue
+            if not receiver.claim_now and not await self._worth_a_claim(receiver):
+                continue
+            receiver.wake.clear()
+            claim = await self._claim(receiver.queue, room)
+            if self._worker is None:
+                continue  # close() already gave these rows back
+            receiver.prefetched.extend(claim.rows)
+            receiver.seen_version = claim.data_version
+            receiver.next_due = claim.next_due
+            # A full claim means there may be more: claim again as soon as there is room.
+            receiver.claim_now = len(claim.rows) == room
+            if claim.rows:
+                receiver.interval = _MIN_POLL_INTERVAL
+
+    async def _worth_a_claim(self, receiver: _Receiver) -> bool:
+        """Sleep until a local commit or a settle wakes `receiver`, the next held-back or claimed
+        message comes due, or another process committed (seen at the next poll)."""
+        timeout = receiver.interval
+        if receiver.next_due is not None:
+            timeout = min(timeout, max(0.0, receiver.next_due - time.time()))
+        if await _wait(receiver.wake, timeout):
+            return True
+        if receiver.next_due is not None and time.time() >= receiver.next_due:
+            return True
+        version = await self._submit(schema.data_version, write=False)
+        if version != receiver.seen_version:
+            return True
+        receiver.interval = min(receiver.interval * 2, self.settings.max_poll_interval)
+        return False
+
+    async def _claim(self, queue: str, room: int) -> schema.Claim:
+        future = self._submit(partial(schema.claim, queue=queue, limit=room))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The claim runs anyway: give its rows back when it lands, or this live process
+            # would hold (and keep renewing) them with nobody to handle them.
+            future.add_done_callback(partial(self._give_back, queue))
+            raise
+
+    def _give_back(self, queue: str, future: asyncio.Future[schema.Claim]) -> None:
+        if future.cancelled() or future.exception() is not None or self._worker is None:
+            return
+        rows = [(row.seq, row.delivery_count) for row in future.result().rows]
+        if rows:
+            self._submit(partial(schema.release, queue=queue, rows=rows, handed_out=False))
+
+    async def dead_letters(self, queue: str, *, limit: int = 100) -> Sequence[DeadLetter]:
+        return await self._submit(partial(schema.dead_letters, queue=queue, limit=limit))
+
+    async def replay(self, queue: str, message_ids: Sequence[str] | None = None) -> int:
+        return await self._submit(partial(schema.replay, queue=queue, message_ids=message_ids))
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        return await self._submit(partial(schema.purge_dead_letters, queue=queue))
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    """Whether `event` was set within `seconds`."""
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

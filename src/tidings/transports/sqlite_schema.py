@@ -1,0 +1,368 @@
+"""The tables of the SQLite transport and every statement run against them.
+
+Each function here runs on the transport's own thread, inside a transaction the writer opened
+(`sqlite_worker`), and takes the `Batch` of that transaction. Functions that refuse a request
+(`NoRoute`) do so before they write anything, so the rest of the batch can still commit.
+
+One table holds every message of every queue; a message's place in its queue is `(visible_at, seq)`:
+
+- `visible_at` (Unix seconds) is when the message may next be claimed: the commit time for a new
+  message, `not_before` or `now + delay` for a held-back one, the claim's expiry while a consumer
+  holds it, and 0 for a message given back unhandled (so it is the next one out, like the memory
+  transport's `put_back`).
+- `claimed_by` names the transport instance holding it. A claim is renewed while that instance
+  lives; if the process dies, `visible_at` passes and any consumer may claim the message again.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tidings.errors import ConnectionFailed, NoRoute
+from tidings.headers import strip_fault_headers
+from tidings.transports.base import DeadLetter, error_queue_of
+
+__all__ = ["SCHEMA_VERSION", "Batch", "Claim", "Row", "create_schema"]
+
+SCHEMA_VERSION = 1
+
+_TABLES = (
+    "CREATE TABLE IF NOT EXISTS tidings_schema (version INTEGER NOT NULL)",
+    # owner: the transport instance a temporary queue belongs to; NULL for a durable queue.
+    """CREATE TABLE IF NOT EXISTS tidings_queues (
+        name TEXT PRIMARY KEY,
+        owner TEXT
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS tidings_bindings (
+        event_type TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        PRIMARY KEY (event_type, queue)
+    ) WITHOUT ROWID""",
+    # AUTOINCREMENT: a seq is never reused, so a stale settle (seq, claimed_by, delivery_count)
+    # can never hit a newer message.
+    """CREATE TABLE IF NOT EXISTS tidings_messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        queue TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        headers TEXT NOT NULL,
+        body BLOB NOT NULL,
+        visible_at REAL NOT NULL,
+        claimed_by TEXT,
+        delivery_count INTEGER NOT NULL DEFAULT 0
+    )""",
+    # (queue, visible_at, seq): a claim reads the head of this index and sorts nothing; the next
+    # due time of a queue is its first entry.
+    "CREATE INDEX IF NOT EXISTS tidings_messages_due ON tidings_messages (queue, visible_at)",
+    # Instances that own temporary queues, with a lease they renew: the queues of an instance
+    # whose lease ran out (its process died) are deleted by the next transport that opens.
+    """CREATE TABLE IF NOT EXISTS tidings_instances (
+        id TEXT PRIMARY KEY,
+        alive_until REAL NOT NULL
+    ) WITHOUT ROWID""",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A claimed message."""
+
+    seq: int
+    headers: dict[str, str]
+    body: bytes
+    delivery_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a claim got: rows (oldest first), when the queue's next message comes due, and the
+    database's `data_version` (it changes when another connection commits)."""
+
+    rows: list[Row]
+    next_due: float | None
+    data_version: int
+
+
+@dataclass(slots=True)
+class Batch:
+    """One transaction on the transport's thread, and what it did (applied after the commit)."""
+
+    connection: sqlite3.Connection
+    #: The transport instance: the claim token on rows it holds, the owner of its temporary queues.
+    instance: str
+    #: The claim lease, in seconds (the visibility timeout).
+    lease: float
+    #: Time at the start of the transaction, under the write lock: commit order is time order.
+    now: float
+    #: The claims this instance holds, `seq -> delivery_count` (owned by the thread: no lock).
+    held: dict[int, int]
+    #: Claims made in this batch; added to `held` once it committed.
+    claimed: dict[int, int] = field(default_factory=dict)
+    #: Queues that got a message: receivers in this process are woken once it committed.
+    touched: set[str] = field(default_factory=set)
+    owns_temporary: bool = False
+
+
+def create_schema(connection: sqlite3.Connection) -> None:
+    """Create the tables if missing (inside the caller's transaction) and check the version."""
+    for statement in _TABLES:
+        connection.execute(statement)
+    row = connection.execute("SELECT max(version) FROM tidings_schema").fetchone()
+    if row[0] is None:
+        connection.execute("INSERT INTO tidings_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+    elif row[0] != SCHEMA_VERSION:
+        raise ConnectionFailed(
+            f"the database has tidings schema version {row[0]}; this tidings knows {SCHEMA_VERSION}"
+        )
+
+
+def require_queue(batch: Batch, queue: str) -> None:
+    """`NoRoute` unless `queue` exists."""
+    found = batch.connection.execute("SELECT 1 FROM tidings_queues WHERE name = ?", (queue,))
+    if found.fetchone() is None:
+        raise NoRoute(f"no queue {queue!r}")
+
+
+def delete_orphaned_queues(batch: Batch) -> None:
+    """Delete the temporary queues (and their messages) of instances whose lease ran out."""
+    run = batch.connection.execute
+    run("DELETE FROM tidings_instances WHERE alive_until < ?", (batch.now,))
+    orphans = (
+        "SELECT name FROM tidings_queues WHERE owner IS NOT NULL"
+        " AND owner NOT IN (SELECT id FROM tidings_instances)"
+    )
+    run(f"DELETE FROM tidings_messages WHERE queue IN ({orphans})")
+    run(f"DELETE FROM tidings_bindings WHERE queue IN ({orphans})")
+    run(f"DELETE FROM tidings_queues WHERE name IN ({orphans})")
+
+
+def declare_queue(batch: Batch, queue: str, *, temporary: bool) -> None:
+    run = batch.connection.execute
+    owner = batch.instance if temporary else None
+    for name in (queue, error_queue_of(queue)):
+        if temporary:
+            run(
+                "INSERT INTO tidings_queues (name, owner) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner",
+                (name, owner),
+            )
+        else:
+            run("INSERT OR IGNORE INTO tidings_queues (name) VALUES (?)", (name,))
+    if temporary:
+        run(
+            "INSERT OR REPLACE INTO tidings_instances (id, alive_until) VALUES (?, ?)",
+            (batch.instance, batch.now + batch.lease),
+        )
+        batch.owns_temporary = True
+
+
+def bind(batch: Batch, queue: str, event_type: str) -> None:
+    require_queue(batch, queue)
+    batch.connection.execute(
+        "INSERT OR IGNORE INTO tidings_bindings (event_type, queue) VALUES (?, ?)",
+        (event_type, queue),
+    )
+
+
+def unbind(batch: Batch, queue: str, event_type: str) -> None:
+    batch.connection.execute(
+        "DELETE FROM tidings_bindings WHERE event_type = ? AND queue = ?", (event_type, queue)
+    )
+
+
+def publish(
+    batch: Batch,
+    event_type: str,
+    message_id: str,
+    headers: str,
+    body: bytes,
+    not_before: float | None,
+) -> None:
+    visible_at = batch.now if not_before is None else max(batch.now, not_before)
+    # Bindings are deleted with their queue, so every bound queue exists.
+    queues = batch.connection.execute(
+        "INSERT INTO tidings_messages (queue, message_id, headers, body, visible_at)"
+        " SELECT queue, ?, ?, ?, ? FROM tidings_bindings WHERE event_type = ? RETURNING queue",
+        (message_id, headers, body, visible_at, event_type),
+    ).fetchall()
+    batch.touched.update(queue for (queue,) in queues)
+
+
+def send(
+    batch: Batch,
+    queue: str,
+    message_id: str,
+    headers: str,
+    body: bytes,
+    not_before: float | None,
+) -> None:
+    visible_at = batch.now if not_before is None else max(batch.now, not_before)
+    inserted = batch.connection.execute(
+        "INSERT INTO tidings_messages (queue, message_id, headers, body, visible_at)"
+        " SELECT name, ?, ?, ?, ? FROM tidings_queues WHERE name = ?",
+        (message_id, headers, body, visible_at, queue),
+    )
+    if inserted.rowcount == 0:
+        raise NoRoute(f"no queue {queue!r}")
+    batch.touched.add(queue)
+
+
+def data_version(batch: Batch) -> int:
+    version: int = batch.connection.execute("PRAGMA data_version").fetchone()[0]
+    return version
+
+
+def claim(batch: Batch, queue: str, limit: int) -> Claim:
+    """Claim up to `limit` visible messages of `queue`, oldest first."""
+    run = batch.connection.execute
+    version = data_version(batch)
+    found = run(
+        "SELECT seq, headers, body, delivery_count FROM tidings_messages"
+        " WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq LIMIT ?",
+        (queue, batch.now, limit),
+    ).fetchall()
+    rows = [Row(seq, json.loads(headers), body, count + 1) for seq, headers, body, count in found]
+    if rows:
+        run(
+            "UPDATE tidings_messages SET claimed_by = ?, visible_at = ?,"
+            " delivery_count = delivery_count + 1"
+            " WHERE seq IN (SELECT value FROM json_each(?))",
+            (batch.instance, batch.now + batch.lease, json.dumps([row.seq for row in rows])),
+        )
+        batch.claimed.update((row.seq, row.delivery_count) for row in rows)
+    next_due = None
+    if len(rows) < limit:
+        # Everything left is held back or claimed: the first of them is when to look again.
+        (next_due,) = run("SELECT min(visible_at) FROM tidings_messages WHERE queue = ?", (queue,)).fetchone()
+    return Claim(rows, next_due, version)
+
+
+_MINE = "seq = ? AND claimed_by = ? AND delivery_count = ?"
+
+
+def ack(batch: Batch, seq: int, delivery_count: int) -> None:
+    # The claim is given up even if the statement fails: the message then comes back after the
+    # visibility timeout rather than being held (and renewed) by this live process forever.
+    batch.held.pop(seq, None)
+    batch.connection.execute(
+        f"DELETE FROM tidings_messages WHERE {_MINE}", (seq, batch.instance, delivery_count)
+    )
+
+
+def retry_later(batch: Batch, queue: str, seq: int, delivery_count: int, headers: str, delay: float) -> None:
+    batch.held.pop(seq, None)
+    # A retried message is counted as a new delivery: its count starts again, as in memory.py.
+    batch.connection.execute(
+        "UPDATE tidings_messages SET headers = ?, visible_at = ?, claimed_by = NULL,"
+        f" delivery_count = 0 WHERE {_MINE}",
+        (headers, batch.now + max(delay, 0.0), seq, batch.instance, delivery_count),
+    )
+    batch.touched.add(queue)
+
+
+def dead_letter(batch: Batch, queue: str, seq: int, delivery_count: int, headers: str) -> None:
+    batch.held.pop(seq, None)
+    error_queue = error_queue_of(queue)
+    batch.connection.execute(
+        "UPDATE tidings_messages SET queue = ?, headers = ?, visible_at = ?, claimed_by = NULL,"
+        f" delivery_count = 0 WHERE {_MINE}",
+        (error_queue, headers, batch.now, seq, batch.instance, delivery_count),
+    )
+    batch.touched.add(error_queue)
+
+
+def release(batch: Batch, queue: str, rows: Sequence[tuple[int, int]], *, handed_out: bool) -> None:
+    """Give claimed `(seq, delivery_count)` rows back, first in line. Rows never `handed_out` to a
+    consumer (prefetched, then the iterator closed) get their claim's count back."""
+    uncount = 0 if handed_out else 1
+    for seq, _ in rows:
+        batch.held.pop(seq, None)
+    batch.connection.executemany(
+        "UPDATE tidings_messages SET visible_at = 0, claimed_by = NULL,"
+        f" delivery_count = delivery_count - {uncount} WHERE {_MINE}",
+        [(seq, batch.instance, count) for seq, count in rows],
+    )
+    batch.touched.add(queue)
+
+
+def renew(batch: Batch) -> None:
+    """Extend every claim this instance holds, and its lease on its temporary queues."""
+    run = batch.connection.execute
+    if batch.held:
+        run(
+            "UPDATE tidings_messages SET visible_at = ?"
+            " WHERE claimed_by = ? AND seq IN (SELECT value FROM json_each(?))",
+            (batch.now + batch.lease, batch.instance, json.dumps(list(batch.held))),
+        )
+    if batch.owns_temporary:
+        run(
+            "UPDATE tidings_instances SET alive_until = ? WHERE id = ?",
+            (batch.now + batch.lease, batch.instance),
+        )
+
+
+def close_instance(batch: Batch, prefetched: Sequence[tuple[str, int, int]]) -> None:
+    """What closing does: return what this instance holds, delete its temporary queues."""
+    run = batch.connection.execute
+    for queue, seq, count in prefetched:
+        release(batch, queue, [(seq, count)], handed_out=False)
+    if batch.held:
+        returned = run(
+            "UPDATE tidings_messages SET visible_at = 0, claimed_by = NULL"
+            " WHERE claimed_by = ? AND seq IN (SELECT value FROM json_each(?)) RETURNING queue",
+            (batch.instance, json.dumps(list(batch.held))),
+        ).fetchall()
+        batch.touched.update(queue for (queue,) in returned)
+        batch.held.clear()
+    mine = "SELECT name FROM tidings_queues WHERE owner = ?"
+    run(f"DELETE FROM tidings_messages WHERE queue IN ({mine})", (batch.instance,))
+    run(f"DELETE FROM tidings_bindings WHERE queue IN ({mine})", (batch.instance,))
+    run("DELETE FROM tidings_queues WHERE owner = ?", (batch.instance,))
+    run("DELETE FROM tidings_instances WHERE id = ?", (batch.instance,))
+
+
+def dead_letters(batch: Batch, queue: str, limit: int) -> list[DeadLetter]:
+    error_queue = error_queue_of(queue)
+    require_queue(batch, error_queue)
+    found = batch.connection.execute(
+        "SELECT message_id, headers, body FROM tidings_messages"
+        " WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq LIMIT ?",
+        (error_queue, batch.now, limit),
+    ).fetchall()
+    return [DeadLetter(message_id, json.loads(headers), body) for message_id, headers, body in found]
+
+
+def replay(batch: Batch, queue: str, message_ids: Sequence[str] | None) -> int:
+    require_queue(batch, queue)
+    wanted = None if message_ids is None else set(message_ids)
+    found = batch.connection.execute(
+        "SELECT seq, message_id, headers FROM tidings_messages"
+        " WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq",
+        (error_queue_of(queue), batch.now),
+    ).fetchall()
+    moves = [
+        (queue, json.dumps(strip_fault_headers(json.loads(headers))), batch.now, seq)
+        for seq, message_id, headers in found
+        if wanted is None or message_id in wanted
+    ]
+    # Same seq, same visible_at: replayed messages keep their order among themselves.
+    batch.connection.executemany(
+        "UPDATE tidings_messages SET queue = ?, headers = ?, visible_at = ?, claimed_by = NULL,"
+        " delivery_count = 0 WHERE seq = ?",
+        moves,
+    )
+    if moves:
+        batch.touched.add(queue)
+    return len(moves)
+
+
+def purge_dead_letters(batch: Batch, queue: str) -> int:
+    error_queue = error_queue_of(queue)
+    require_queue(batch, error_queue)
+    deleted = batch.connection.execute(
+        "DELETE FROM tidings_messages WHERE queue = ? AND visible_at <= ?",
+        (error_queue, batch.now),
+    )
+    return deleted.rowcount

@@ -1,0 +1,277 @@
+"""The one thread that talks to SQLite for a transport instance, with group commit.
+
+Why a thread of our own: stdlib `sqlite3` releases the GIL while SQLite works, and one connection
+on one thread needs no locking. Why group commit: a commit costs far more than a row, so the thread
+takes every request waiting in its inbox, runs them all in one transaction, commits once, and only
+then resolves each caller's future. Concurrent publishes, claims and acks share commits that way.
+
+The thread also renews, every lease/3, the claims its instance holds: a handler that runs longer
+than the visibility timeout keeps its message, and so does one that blocks the event loop, since
+the renewal does not need the loop. Only a dead (or frozen) process loses its claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from tidings.errors import ConnectionFailed, TidingsError, TransportClosed, TransportError
+from tidings.transports import sqlite_schema as schema
+
+__all__ = ["Worker", "listen", "unlisten"]
+
+log = logging.getLogger("tidings.transports.sqlite")
+
+T = TypeVar("T")
+
+#: Requests run in one transaction at most. Bounds the latency a large batch adds to its callers.
+MAX_BATCH = 2000
+
+
+# -- waking receivers in this process -------------------------------------------------------------
+# A commit that puts messages in queues wakes the receivers of those queues in this process at once;
+# other processes notice by polling (see `SQLiteTransport.receive`).
+
+_listeners_lock = threading.Lock()
+_listeners: dict[str, dict[int, tuple[asyncio.AbstractEventLoop, Callable[[set[str]], None]]]] = {}
+_listener_ids = itertools.count()
+
+
+def listen(path: str, loop: asyncio.AbstractEventLoop, callback: Callable[[set[str]], None]) -> int:
+    """Call `callback(queues)` on `loop` after any commit in this process that fills `queues`."""
+    token = next(_listener_ids)
+    with _listeners_lock:
+        _listeners.setdefault(path, {})[token] = (loop, callback)
+    return token
+
+
+def unlisten(path: str, token: int) -> None:
+    with _listeners_lock:
+        _listeners.get(path, {}).pop(token, None)
+
+
+def _notify(path: str, queues: set[str]) -> None:
+    with _listeners_lock:
+        targets = list(_listeners.get(path, {}).values())
+    for loop, callback in targets:
+        # RuntimeError: that loop is closed (its transport was never closed); nobody to wake.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(callback, queues)
+
+
+# -- the thread -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Request(Generic[T]):
+    run: Callable[[schema.Batch], T]
+    future: asyncio.Future[T]
+    write: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    future: asyncio.Future[None]
+
+
+def _translate(error: BaseException, where: str) -> BaseException:
+    """A sqlite3 exception as the tidings error it means; anything else as it is."""
+    if isinstance(error, TidingsError) or not isinstance(error, sqlite3.Error):
+        return error
+    if getattr(error, "sqlite_errorname", "").startswith("SQLITE_BUSY"):
+        return TransportError(f"{where}: the database stayed locked by another process ({error})")
+    return TransportError(f"{where}: {error}")
+
+
+def _resolve(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in outcomes:
+        if future.cancelled():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class Worker:
+    """Runs requests against one SQLite connection on a thread of its own."""
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        url: str,
+        instance: str,
+        lease: float,
+        busy_timeout: float,
+        synchronous: str,
+    ) -> None:
+        self._path = path
+        self._url = url
+        self._instance = instance
+        self._lease = lease
+        self._busy_timeout = busy_timeout
+        self._synchronous = synchronous
+        self._inbox: queue.SimpleQueue[_Request[Any] | _Stop] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
+        # The thread's own state: touched by the thread only.
+        self._held: dict[int, int] = {}
+        self._owns_temporary = False
+
+    async def start(self) -> None:
+        """Open the database (create the schema) on the new thread; `ConnectionFailed` if not."""
+        self._loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = self._loop.create_future()
+        thread = threading.Thread(
+            target=self._main, args=(started,), name=f"tidings-sqlite {self._path}", daemon=True
+        )
+        thread.start()
+        await started
+
+    def submit(self, run: Callable[[schema.Batch], T], *, write: bool = True) -> asyncio.Future[T]:
+        """Run `run(batch)` in the next transaction; the future resolves once it committed."""
+        if self._loop is None or self._stopped:
+            raise TransportClosed(f"{self._url} is not open")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._inbox.put(_Request(run, future, write))
+        return future
+
+    async def stop(self) -> None:
+        """Finish what was submitted, close the connection, end the thread."""
+        if self._loop is None or self._stopped:
+            return
+        self._stopped = True
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._inbox.put(_Stop(done))
+        await done
+
+    # -- on the thread --------------------------------------------------------------------------
+
+    def _post(self, callback: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        # RuntimeError: the loop closed under us, so nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we write BEGIN/COMMIT ourselves, so one transaction spans a batch.
+        connection = sqlite3.connect(
+            self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=True
+        )
+        try:
+            connection.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute(f"PRAGMA synchronous = {self._synchronous}")
+            connection.execute("BEGIN IMMEDIATE")
+            schema.create_schema(connection)
+            schema.delete_orphaned_queues(self._batch(connection))
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _batch(self, connection: sqlite3.Connection) -> schema.Batch:
+        return schema.Batch(
+            connection=connection,
+            instance=self._instance,
+            lease=self._lease,
+            now=time.time(),
+            held=self._held,
+            owns_temporary=self._owns_temporary,
+        )
+
+    def _main(self, started: asyncio.Future[None]) -> None:
+        try:
+            connection = self._connect()
+        except BaseException as error:
+            failure = ConnectionFailed(f"cannot open {self._url}: {error}")
+            self._post(_resolve, [(started, False, failure)])
+            return
+        self._post(_resolve, [(started, True, None)])
+        tick = self._lease / 3
+        next_renewal = time.monotonic() + tick
+        stop: _Stop | None = None
+        while stop is None:
+            try:
+                first = self._inbox.get(timeout=max(0.0, next_renewal - time.monotonic()))
+            except queue.Empty:
+                first = None
+            requests: list[_Request[Any]] = []
+            item = first
+            while item is not None:
+                if isinstance(item, _Stop):
+                    stop = item
+                    break
+                requests.append(item)
+                if len(requests) >= MAX_BATCH:
+                    break
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    item = None
+            if requests:
+                self._execute(connection, requests)
+            if time.monotonic() >= next_renewal:
+                self._renew(connection)
+                next_renewal = time.monotonic() + tick
+        connection.close()
+        self._post(_resolve, [(stop.future, True, None)])
+
+    def _execute(self, connection: sqlite3.Connection, requests: list[_Request[Any]]) -> None:
+        """Run `requests` in one transaction; resolve their futures after it committed."""
+        write = any(request.write for request in requests)
+        batch = self._batch(connection)
+        outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        try:
+            # IMMEDIATE takes the write lock up front (waiting up to busy_timeout): a deferred
+            # transaction that reads and then writes may fail with SQLITE_BUSY without waiting.
+            connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            batch.now = time.time()
+            for request in requests:
+                try:
+                    outcomes.append((request.future, True, request.run(batch)))
+                except TidingsError as refusal:  # raised before the request wrote anything
+                    outcomes.append((request.future, False, refusal))
+            connection.execute("COMMIT")
+        except Exception as error:
+            if connection.in_transaction:
+                connection.rollback()
+            busy = getattr(error, "sqlite_errorname", "").startswith("SQLITE_BUSY")
+            if len(requests) > 1 and not busy:
+                # One bad request must not fail the others: run each in its own transaction.
+                for request in requests:
+                    self._execute(connection, [request])
+                return
+            where = self._url
+            outcomes = [(r.future, False, _translate(error, where)) for r in requests]
+            self._post(_resolve, outcomes)
+            return
+        self._held.update(batch.claimed)
+        self._owns_temporary = batch.owns_temporary
+        self._post(_resolve, outcomes)
+        if batch.touched:
+            _notify(self._path, batch.touched)
+
+    def _renew(self, connection: sqlite3.Connection) -> None:
+        if not self._held and not self._owns_temporary:
+            return
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            schema.renew(self._batch(connection))
+            connection.execute("COMMIT")
+        except sqlite3.Error as error:
+            if connection.in_transaction:
+                connection.rollback()
+            # Not fatal yet: the claims last a whole lease and this runs three times per lease.
+            log.warning("%s: could not renew claims: %s", self._url, error)

@@ -1,0 +1,587 @@
+"""The SQLite transport, through the port: routing, competition, order, delays, dead letters,
+durability and redelivery across real OS processes killed with SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import eventually
+from tidings.envelope import Envelope
+from tidings.errors import ConfigurationError, ConnectionFailed, NoRoute, TransportClosed
+from tidings.headers import ATTEMPT
+from tidings.transports import sqlite as sqlite_module
+from tidings.transports import transport_from_url
+from tidings.transports.base import Delivery
+from tidings.transports.sqlite import SQLiteSettings, SQLiteTransport
+
+#: Every wait in these tests is bounded: a message that never comes fails the test, not hangs it.
+PATIENCE = 10.0
+
+
+def event(body: str = "{}", type_: str = "Happened") -> Envelope:
+    return Envelope(type=type_, source="tests", body=body.encode())
+
+
+def command(body: str = "{}") -> Envelope:
+    return Envelope(type="DoIt", source="tests", body=body.encode())
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'bus.db'}"
+
+
+@asynccontextmanager
+async def opened(url: str) -> AsyncIterator[SQLiteTransport]:
+    transport = SQLiteTransport.from_url(url)
+    async with transport:
+        yield transport
+
+
+async def take(transport: SQLiteTransport, queue: str, count: int, prefetch: int = 10) -> list[Delivery]:
+    """The next `count` deliveries of `queue`, unsettled; the iterator is closed afterwards."""
+    got: list[Delivery] = []
+    deliveries = transport.receive(queue, prefetch=max(prefetch, count))
+    try:
+        async with asyncio.timeout(PATIENCE):
+            async for delivery in deliveries:
+                got.append(delivery)
+                if len(got) == count:
+                    break
+    finally:
+        await deliveries.aclose()
+    return got
+
+
+async def drain(transport: SQLiteTransport, queue: str, count: int) -> list[Delivery]:
+    """Receive and ack `count` messages of `queue`."""
+    got = await take(transport, queue, count, prefetch=count)
+    for delivery in got:
+        await delivery.ack()
+    return got
+
+
+async def nothing_within(transport: SQLiteTransport, queue: str, seconds: float) -> bool:
+    """Whether `queue` yields nothing for `seconds` (the delivery, if any, is released)."""
+    deliveries = transport.receive(queue, prefetch=1)
+    try:
+        async with asyncio.timeout(seconds):
+            delivery = await anext(deliveries)
+    except TimeoutError:
+        return True
+    finally:
+        await deliveries.aclose()
+    await delivery.release()
+    return False
+
+
+def bodies(deliveries: list[Delivery]) -> list[bytes]:
+    return [delivery.body for delivery in deliveries]
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+def test_urls_name_relative_and_absolute_paths_and_options() -> None:
+    relative = SQLiteSettings.from_url("sqlite:///shop.db")
+    assert relative.path == "shop.db"
+    assert relative.visibility_timeout == 30.0
+    absolute = SQLiteSettings.from_url(
+        "sqlite:////var/bus.db?visibility_timeout=2.5&synchronous=full&busy_timeout=1"
+    )
+    assert absolute.path == "/var/bus.db"
+    assert absolute.visibility_timeout == 2.5
+    assert absolute.synchronous == "FULL"
+    assert absolute.busy_timeout == 1.0
+    assert isinstance(transport_from_url("sqlite:///x.db"), SQLiteTransport)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "sqlite:///x.db?visibilty_timeout=2",  # a typo is refused, not ignored
+        "sqlite:///x.db?visibility_timeout=soon",
+        "sqlite:///x.db?visibility_timeout=0",
+        "sqlite:///x.db?synchronous=off",
+        "sqlite://host/x.db",
+        "sqlite:///",
+    ],
+)
+def test_unusable_urls_are_refused(bad: str) -> None:
+    with pytest.raises(ConfigurationError):
+        SQLiteSettings.from_url(bad)
+
+
+async def test_a_file_that_cannot_be_opened_raises_connection_failed(tmp_path: Path) -> None:
+    with pytest.raises(ConnectionFailed, match="no-such-dir"):
+        await SQLiteTransport.from_url(f"sqlite:///{tmp_path}/no-such-dir/bus.db").open()
+    not_a_database = tmp_path / "notes.db"
+    not_a_database.write_bytes(b"these are not the pages you are looking for" * 100)
+    with pytest.raises(ConnectionFailed):
+        await SQLiteTransport.from_url(f"sqlite:///{not_a_database}").open()
+
+
+async def test_the_schema_is_created_with_a_version_and_a_newer_one_is_refused(
+    url: str, tmp_path: Path
+) -> None:
+    async with opened(url):
+        pass
+    with sqlite3.connect(tmp_path / "bus.db") as db:
+        assert db.execute("SELECT version FROM tidings_schema").fetchall() == [(1,)]
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        db.execute("UPDATE tidings_schema SET version = 99")
+    db.close()
+    with pytest.raises(ConnectionFailed, match="99"):
+        await SQLiteTransport.from_url(url).open()
+
+
+async def test_use_before_open_and_after_close_raises_transport_closed(url: str) -> None:
+    transport = SQLiteTransport.from_url(url)
+    with pytest.raises(TransportClosed):
+        await transport.declare_queue("q")
+    await transport.open()
+    await transport.declare_queue("q")
+    await transport.close()
+    await transport.close()  # idempotent
+    with pytest.raises(TransportClosed):
+        await transport.send(command(), "q")
+    with pytest.raises(TransportClosed):
+        await anext(transport.receive("q", prefetch=1))
+
+
+# -- routing ---------------------------------------------------------------------------------------
+
+
+async def test_publish_copies_an_event_into_every_bound_queue_only(url: str) -> None:
+    async with opened(url) as transport:
+        for queue in ("billing", "shipping", "audit"):
+            await transport.declare_queue(queue)
+        await transport.bind("billing", "Happened")
+        await transport.bind("shipping", "Happened")
+        await transport.bind("shipping", "Happened")  # binding twice is binding once
+        await transport.bind("audit", "Other")
+        await transport.publish(event("1"))
+        await transport.publish(event("nobody", type_="Unbound"))  # no binding: fine, and lost
+        await transport.unbind("shipping", "Happened")
+        await transport.publish(event("2"))
+        await transport.publish(event("3", type_="Other"))
+
+        assert bodies(await drain(transport, "billing", 2)) == [b"1", b"2"]
+        assert bodies(await drain(transport, "shipping", 1)) == [b"1"]
+        assert bodies(await drain(transport, "audit", 1)) == [b"3"]
+        assert await nothing_within(transport, "shipping", 0.3)
+
+
+async def test_sending_binding_or_receiving_an_undeclared_queue_raises_no_route(url: str) -> None:
+    async with opened(url) as transport:
+        with pytest.raises(NoRoute):
+            await transport.send(command(), "nowhere")
+        with pytest.raises(NoRoute):
+            await transport.bind("nowhere", "Happened")
+        with pytest.raises(NoRoute):
+            await anext(transport.receive("nowhere", prefetch=1))
+        with pytest.raises(NoRoute):
+            await transport.dead_letters("nowhere")
+        # A refused request does not spoil the others committed with it.
+        await transport.declare_queue("somewhere")
+        results = await asyncio.gather(
+            transport.send(command("a"), "somewhere"),
+            transport.send(command("b"), "nowhere"),
+            transport.send(command("c"), "somewhere"),
+            return_exceptions=True,
+        )
+        assert [type(result) for result in results] == [type(None), NoRoute, type(None)]
+        assert bodies(await drain(transport, "somewhere", 2)) == [b"a", b"c"]
+
+
+async def test_headers_and_body_arrive_as_sent(url: str) -> None:
+    async with opened(url) as transport:
+        await transport.declare_queue("q")
+        sent = command('{"x": 1}').with_headers(x_user="Zoë 🚀")
+        await transport.send(sent, "q")
+        (delivery,) = await drain(transport, "q", 1)
+    assert delivery.headers == sent.to_headers()
+    assert delivery.body == b'{"x": 1}'
+    assert delivery.delivery_count == 1
+
+
+# -- competition and order -------------------------------------------------------------------------
+
+
+async def test_competing_receivers_in_separate_instances_get_each_message_once(url: str) -> None:
+    async with opened(url) as one, opened(url) as two:
+        await one.declare_queue("work")
+        total = 60
+        seen: list[bytes] = []
+
+        async def compete(transport: SQLiteTransport) -> None:
+            async for delivery in transport.receive("work", prefetch=4):
+                seen.append(delivery.body)
+                await delivery.ack()
+                await asyncio.sleep(0)  # let the other receiver in
+
+        receivers = [asyncio.create_task(compete(t)) for t in (one, two, one)]
+        await asyncio.gather(*(one.send(command(str(i)), "work") for i in range(total // 2)))
+        await asyncio.gather(*(two.send(command(str(i)), "work") for i in range(total // 2, total)))
+        await eventually(lambda: len(seen) >= total, timeout=PATIENCE)
+        assert await nothing_within(two, "work", 0.3)
+        for receiver in receivers:
+            receiver.cancel()
+        await asyncio.gather(*receivers, return_exceptions=True)
+    assert sorted(seen) == sorted(str(i).encode() for i in range(total))
+
+
+async def test_with_prefetch_one_a_queue_is_handled_in_publish_order(url: str) -> None:
+    async with opened(url) as transport:
+        await transport.declare_queue("orders")
+        await transport.bind("orders", "Happened")
+        # Concurrent publishes share commits; their order is the order of the calls.
+        await asyncio.gather(*(transport.publish(event(str(i))) for i in range(50)))
+        for i in range(50, 60):
+            await transport.publish(event(str(i)))
+        handled: list[bytes] = []
+        deliveries = transport.receive("orders", prefetch=1)
+        async with asyncio.timeout(PATIENCE):
+            async for delivery in deliveries:
+                handled.append(delivery.body)
+                await delivery.ack()
+                if len(handled) == 60:
+                    break
+        await deliveries.aclose()
+    assert handled == [str(i).encode() for i in range(60)]
+
+
+async def test_at_most_prefetch_deliveries_are_unsettled_at_once(url: str) -> None:
+    async with opened(url) as transport:
+        await transport.declare_queue("q")
+        for i in range(5):
+            await transport.send(command(str(i)), "q")
+        deliveries = transport.receive("q", prefetch=2)
+        first, second = await anext(deliveries), await anext(deliveries)
+        third = asyncio.ensure_future(anext(deliveries))
+        await asyncio.sleep(0.3)
+        assert not third.done()
+        await first.ack()
+        async with asyncio.timeout(PATIENCE):
+            assert (await third).body == b"2"
+        await second.ack()
+        await deliveries.aclose()
+
+
+# -- settling ---------------------------------------------------------------------------------------
+
+
+async def test_a_released_message_is_next_out_with_its_count_increased(url: str) -> None:
+    async with opened(url) as transport:
+        await transport.declare_queue("q")
+        for i in range(3):
+            await transport.send(command(str(i)), "q")
+        (first,) = await take(transport, "q", 1, prefetch=1)
+        await first.release()
+        again = await drain(transport, "q", 3)
+    assert bodies(again) == [b"0", b"1", b"2"]
+    assert [d.delivery_count for d in again] == [2, 1, 1]
+
+
+async def test_retry_later_holds_the_message_back_with_new_headers(url: str) -> None:
+    async with opened(url) as transport:
+        await transport.declare_queue("q")
+        await transport.send(command("late"), "q")
+        await transport.send(command("long"), "q")
+        late, long = await take(transport, "q", 2)
+        await long.retry_later(3600, {**long.headers, ATTEMPT: "2"})
+        retried_at = time.time()
+        await late.retry_later(0.4, {**late.headers, ATTEMPT: "2"})
+        await transport.send(command("fresh"), "q")
+        fresh, late_again = await take(transport, "q", 2)
+        arrived_at = time.time()
+        assert fresh.body == b"fresh"
+        assert late_again.body == b"late"
+        assert late_again.headers[ATTEMPT] == "2"
+        # Retrying starts a new delivery (as in memory.py): the attempt lives in the headers.
+        assert late_again.delivery_count == 1
+        # A lower bound only: the message must not come back before its delay ran out.
+        assert arrived_at - retried_at >= 0.4
+        assert await nothing_within(transport, "q", 0.3)  # "long" waits an hour
+
+
+async def test_not_before_holds_a_message_back_durably(url: str) -> None:
+    due = datetime.now(UTC) + timedelta(seconds=0.6)
+    async with opened(url) as transport:
+        await transport.declare_queue("q")
+        await transport.send(command("scheduled"), "q", not_before=due)
+        await transport.send(command("far"), "q", not_before=due + timedelta(hours=1))
+        await transport.send(command("now"), "q")
+        (now,) = await drain(transport, "q", 1)
+        assert now.body == b"now"
+    # A new instance (as after a restart) still holds it until it is due, then delivers it.
+    async with opened(url) as transport:
+        (scheduled,) = await drain(transport, "q", 1)
+        assert scheduled.body == b"scheduled"
+        assert datetime.now(UTC) >= due
+        assert await nothing_within(transport, "q", 0.3)
+
+
+async def test_dead_letters_are_listed_replayed_with_their_id_and_purged(url: str) -> None:
+    async with opened(url) as transport:
+        await transport.declare_queue("q")
+        sent = [command(str(i)) for i in range(3)]
+        for envelope in sent:
+            await transport.send(envelope, "q")
+        for delivery in await take(transport, "q", 3):
+            fault = {"tidings-fault-reason": "boom", ATTEMPT: "3"}
+            await delivery.dead_letter({**delivery.headers, **fault})
+
+        letters = await transport.dead_letters("q")
+        assert [letter.message_id for letter in letters] == [e.id for e in sent]
+        assert letters[0].headers["tidings-fault-reason"] == "boom"
+        assert letters[0].body == b"0"
+        assert len(await transport.dead_letters("q", limit=2)) == 2
+
+        assert await transport.replay("q", [sent[1].id, "not-there"]) == 1
+        (replayed,) = await drain(transport, "q", 1)
+        assert replayed.headers == sent[1].to_headers()  # same id, fault and attempt stripped
+        assert replayed.body == b"1"
+        assert replayed.delivery_count == 1
+
+        assert await transport.purge_dead_letters("q") == 2
+        assert await transport.dead_letters("q") == []
+        assert await transport.replay("q") == 0
+
+
+# -- in-process and cross-process wakeups -----------------------------------------------------------
+
+
+async def test_a_commit_wakes_a_local_receiver_without_polling(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the first poll an hour away, only the in-process wakeup can deliver the message in time.
+    monkeypatch.setattr(sqlite_module, "_MIN_POLL_INTERVAL", 3600.0)
+    async with opened(url) as receiving, opened(url) as sending:
+        await receiving.declare_queue("q")
+        deliveries = receiving.receive("q", prefetch=1)
+        waiting = asyncio.ensure_future(anext(deliveries))
+        await asyncio.sleep(0.2)  # the receiver found the queue empty and sleeps
+        assert not waiting.done()
+        await sending.send(command("wake up"), "q")
+        async with asyncio.timeout(PATIENCE):
+            delivery = await waiting
+        await delivery.ack()
+        await deliveries.aclose()
+
+
+# -- other processes -------------------------------------------------------------------------------
+
+_PUBLISHER = """
+import asyncio, sys
+from tidings.envelope import Envelope
+from tidings.transports.sqlite import SQLiteTransport
+
+async def main(url):
+    async with SQLiteTransport.from_url(url) as transport:
+        while True:
+            batch = [Envelope(type="Happened", source="child", body=b"{}") for _ in range(20)]
+            await asyncio.gather(*(transport.publish(envelope) for envelope in batch))
+            print("\\n".join(envelope.id for envelope in batch), flush=True)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+_CLAIMER = """
+import asyncio, sys
+from tidings.transports.sqlite import SQLiteTransport
+
+async def main(url, queue, temporary):
+    async with SQLiteTransport.from_url(url) as transport:
+        if temporary:
+            await transport.declare_queue(temporary, temporary=True)
+        async for delivery in transport.receive(queue, prefetch=1):
+            print("claimed", delivery.headers["id"], flush=True)
+            await asyncio.sleep(3600)  # a handler that is about to be killed
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+"""
+
+_SENDER = """
+import asyncio, sys
+from tidings.envelope import Envelope
+from tidings.transports.sqlite import SQLiteTransport
+
+async def main(url):
+    async with SQLiteTransport.from_url(url) as transport:
+        await transport.send(Envelope(type="DoIt", source="child", body=b"hi"), "q")
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@asynccontextmanager
+async def child(tmp_path: Path, script: str, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A Python process running `script`; killed with SIGKILL (if still alive) on the way out."""
+    path = tmp_path / f"child_{abs(hash(script))}.py"
+    path.write_text(textwrap.dedent(script))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(path), *args, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGKILL)
+        await process.communicate()
+
+
+async def line_from(process: asyncio.subprocess.Process) -> str:
+    assert process.stdout is not None
+    async with asyncio.timeout(PATIENCE):
+        line = await process.stdout.readline()
+    assert line, "the child process ended early"
+    return line.decode().strip()
+
+
+async def test_a_receiver_in_another_process_sees_a_commit_by_polling(url: str, tmp_path: Path) -> None:
+    async with opened(url) as transport:
+        await transport.declare_queue("q")
+        deliveries = transport.receive("q", prefetch=1)
+        waiting = asyncio.ensure_future(anext(deliveries))
+        async with child(tmp_path, _SENDER, url) as process:
+            assert await process.wait() == 0
+        async with asyncio.timeout(PATIENCE):
+            delivery = await waiting
+        assert delivery.body == b"hi"
+        await delivery.ack()
+        await deliveries.aclose()
+
+
+async def test_every_confirmed_publish_survives_kill_9_of_the_publisher(url: str, tmp_path: Path) -> None:
+    async with opened(url) as transport:
+        await transport.declare_queue("q")
+        await transport.bind("q", "Happened")
+    confirmed: list[str] = []
+    async with child(tmp_path, _PUBLISHER, url) as process:
+        while len(confirmed) < 500:
+            confirmed.append(await line_from(process))
+        process.send_signal(signal.SIGKILL)  # mid-stream: it is publishing the next batches
+        await process.wait()
+    with sqlite3.connect(tmp_path / "bus.db") as db:
+        stored = {row[0] for row in db.execute("SELECT message_id FROM tidings_messages")}
+    db.close()
+    assert set(confirmed) <= stored
+
+
+async def test_a_message_claimed_by_a_killed_process_comes_back_after_the_timeout(
+    url: str, tmp_path: Path
+) -> None:
+    url += "?visibility_timeout=1"
+    async with opened(url) as transport:
+        await transport.declare_queue("q")
+        sent = command("orphan")
+        await transport.send(sent, "q")
+        async with child(tmp_path, _CLAIMER, url, "q", "") as process:
+            assert await line_from(process) == f"claimed {sent.id}"
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+        (delivery,) = await drain(transport, "q", 1)
+    assert delivery.headers["id"] == sent.id
+    assert delivery.delivery_count == 2
+
+
+async def test_a_live_receiver_keeps_its_claim_past_the_timeout(url: str) -> None:
+    url += "?visibility_timeout=0.6"
+    async with opened(url) as holder, opened(url) as rival:
+        await holder.declare_queue("q")
+        await holder.send(command("slow"), "q")
+        (delivery,) = await take(holder, "q", 1, prefetch=1)
+        # Three visibility timeouts later, the claim has been renewed, not lost.
+        assert await nothing_within(rival, "q", 1.8)
+        await delivery.ack()
+        assert await nothing_within(rival, "q", 0.8)
+
+
+# -- what closing gives back -----------------------------------------------------------------------
+
+
+async def test_close_returns_unsettled_deliveries_at_once(url: str) -> None:
+    async with opened(url) as other:
+        transport = SQLiteTransport.from_url(url)  # visibility timeout 30 s: far beyond PATIENCE
+        await transport.open()
+        await transport.declare_queue("q")
+        await transport.send(command("held"), "q")
+        (held,) = await take(transport, "q", 1, prefetch=1)
+        await transport.close()
+        await held.ack()  # too late: a no-op, the message is already back on its queue
+        (again,) = await drain(other, "q", 1)
+    assert again.body == b"held"
+    assert again.delivery_count == 2
+
+
+async def test_closing_a_receive_iterator_returns_what_it_prefetched(url: str) -> None:
+    async with opened(url) as transport, opened(url) as other:
+        await transport.declare_queue("q")
+        await asyncio.gather(*(transport.send(command(str(i)), "q") for i in range(10)))
+        deliveries = transport.receive("q", prefetch=10)
+        first = await anext(deliveries)  # the claim took all ten
+        await deliveries.aclose()
+        rest = await drain(other, "q", 9)
+        await first.ack()
+    assert bodies(rest) == [str(i).encode() for i in range(1, 10)]
+    assert {d.delivery_count for d in rest} == {1}  # never handed out, so not counted
+
+
+async def test_a_receiver_waiting_when_the_transport_closes_raises_transport_closed(
+    url: str,
+) -> None:
+    transport = SQLiteTransport.from_url(url)
+    await transport.open()
+    await transport.declare_queue("q")
+    waiting = asyncio.ensure_future(anext(transport.receive("q", prefetch=1)))
+    await asyncio.sleep(0.1)
+    await transport.close()
+    with pytest.raises(TransportClosed):
+        async with asyncio.timeout(PATIENCE):
+            await waiting
+
+
+async def test_a_temporary_queue_is_deleted_with_its_messages_on_close(url: str, tmp_path: Path) -> None:
+    async with opened(url) as transport:
+        await transport.declare_queue("replies", temporary=True)
+        await transport.declare_queue("q")
+        await transport.send(command(), "replies")
+        await transport.send(command(), "q")
+    async with opened(url) as transport:
+        with pytest.raises(NoRoute):
+            await transport.send(command(), "replies")
+        await transport.send(command(), "q")  # durable queues stay
+    with sqlite3.connect(tmp_path / "bus.db") as db:
+        queues = {row[0] for row in db.execute("SELECT queue FROM tidings_messages")}
+    db.close()
+    assert queues == {"q"}
+
+
+async def test_the_temporary_queue_of_a_killed_process_is_deleted_after_its_lease(
+    url: str, tmp_path: Path
+) -> None:
+    url += "?visibility_timeout=0.5"
+    async with opened(url) as transport:
+        await transport.declare_queue("q")
+        await transport.send(command(), "q")
+        async with child(tmp_path, _CLAIMER, url, "q", "replies-of-child") as process:
+            await line_from(process)  # the temporary queue exists by now
+            await transport.send(command(), "replies-of-child")
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+    await asyncio.sleep(0.6)  # the child's lease runs out
+    async with opened(url) as transport:
+        with pytest.raises(NoRoute):
+            await transport.send(command(), "replies-of-child")
