@@ -20,10 +20,10 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from tidings.context import Context
 from tidings.envelope import DEFAULT_MAX_BODY_SIZE, Envelope, new_message_id
@@ -33,6 +33,12 @@ from tidings.messages import Command, Event, Message, Reply, validate_wire_name,
 from tidings.pipeline import Handler, Middleware, Pipeline, Registration, Stats
 from tidings.retry import RetryPolicy
 from tidings.transports import Transport, transport_from_url
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from tidings.inbox import Inbox, InboxSettings
+    from tidings.outbox import Outbox, OutboxSettings
 
 __all__ = ["DEFAULT_TRANSPORT", "Bus"]
 
@@ -63,6 +69,9 @@ class Bus:
         max_deliveries: int = 10,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         middleware: tuple[Middleware, ...] = (),
+        database: AsyncEngine | None = None,
+        outbox_settings: OutboxSettings | None = None,
+        inbox_settings: InboxSettings | None = None,
     ) -> None:
         if not isinstance(service, str) or not service.strip():
             raise ConfigurationError("a Bus needs a non-empty service name")
@@ -84,6 +93,18 @@ class Bus:
         self.max_deliveries = max_deliveries
         self.max_body_size = max_body_size
         self._middleware = list(middleware)
+        #: With a database: the transactional outbox (`session=`) and the inbox middleware, which
+        #: wraps `bus.use()` middleware and handlers (docs/outbox-inbox.md).
+        self.database = database
+        self.outbox: Outbox | None = None
+        self.inbox: Inbox | None = None
+        if database is not None:
+            from tidings.inbox import Inbox
+            from tidings.outbox import Outbox
+
+            self.outbox = Outbox(self, database, outbox_settings)
+            self.inbox = Inbox(self, database, inbox_settings)
+            self._middleware.append(self.inbox)
         self._registrations: dict[str, Registration] = {}
         self._routes: dict[str, str] = {}
         self._open = False
@@ -209,6 +230,7 @@ class Bus:
             )
         )
         stopping = asyncio.create_task(self._stopping.wait())
+        storage = [asyncio.create_task(job) for job in self._storage_jobs()]
         try:
             await asyncio.wait({consuming, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -216,7 +238,23 @@ class Bus:
             consuming.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await consuming
+            for task in storage:  # after the handlers: the relay ships what they wrote meanwhile
+                task.cancel()
+            await asyncio.gather(*storage, return_exceptions=True)
             self._stopping = None
+
+    def _storage_jobs(self) -> list[Coroutine[Any, Any, None]]:
+        if self.outbox is None or self.inbox is None:
+            return []
+        return [self.outbox.relay.run(), self.inbox.clean_up_forever()]
+
+    async def create_tables(self) -> None:
+        """Create the outbox and inbox tables if missing (a quick start; migrations: `tidings.storage`)."""
+        if self.database is None:
+            raise ConfigurationError("create_tables() needs a bus with a database: Bus(..., database=engine)")
+        from tidings.storage import create_tables
+
+        await create_tables(self.database)
 
     def stop(self) -> None:
         """Ask `run()` to stop taking messages; it returns once in-flight ones are settled."""
@@ -333,7 +371,10 @@ class Bus:
     ) -> None:
         """Hand an envelope to the transport: published when `queue` is None, else sent there."""
         if session is not None:
-            raise ConfigurationError("session= needs a bus with a database (the transactional outbox)")
+            if self.outbox is None:
+                raise ConfigurationError("session= needs a bus with a database (the transactional outbox)")
+            await self.outbox.write(session, envelope, queue=queue, not_before=not_before)
+            return
         if queue is None:
             await self.transport.publish(envelope, not_before=not_before)
         else:

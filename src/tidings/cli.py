@@ -1,6 +1,7 @@
 """The `tidings` command line.
 
 tidings run package.module:bus [--concurrency N]
+tidings relay package.module:bus
 tidings dead-letters list|show ID|replay ID...|replay --all|purge --service NAME [--transport URL]
 """
 
@@ -26,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("bus", help="the bus to run, as package.module:attribute")
     run.add_argument("--concurrency", type=int, default=None, help="handlers at once")
     dead_letters.add_command(commands)
+    relay = commands.add_parser("relay", help="ship a service's outbox to the broker until SIGINT/SIGTERM")
+    relay.add_argument("bus", help="the bus whose outbox to relay, as package.module:attribute")
     return parser
 
 
@@ -42,6 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(run_worker(load_bus(args.bus), concurrency=args.concurrency))
         elif args.command == "dead-letters":
             return dead_letters.run_command(args)
+        elif args.command == "relay":
+            from tidings.relay import run_relay
+            from tidings.worker import load_bus
+
+            asyncio.run(run_relay(load_bus(args.bus)))
     except TidingsError as error:
         print(f"tidings: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,151 @@
+"""The idempotent inbox: each handler call in a transaction that records the message as handled.
+
+With `Bus(..., database=engine)` the bus installs `Inbox` as a middleware. For every delivery it
+
+1. opens a transaction and exposes its session as `ctx.session` (the handler's own writes, and the
+   messages it publishes or sends through `ctx`, which go to the outbox in that same transaction);
+2. inserts (service, message id) into `tidings_inbox` *first*: if the row is already there the
+   message was handled before (a redelivery after a crash, a duplicate on the wire), and it is
+   acknowledged without calling the handler (`Stats.duplicates`);
+3. calls the handler (and the rest of the chain), sends a returned `Reply` through the outbox too,
+   commits, and only then lets the pipeline acknowledge the delivery.
+
+A crash before the commit rolls everything back and the message is redelivered; a crash after it
+leaves the record, so the redelivered copy is a duplicate. Two instances handling the same id at
+once race on the primary key: the second insert waits for the first transaction and then does
+nothing (PostgreSQL `ON CONFLICT DO NOTHING`; SQLite has one writer at a time), so exactly one
+handler's effects commit.
+
+Records are kept for `InboxSettings.retention` (the dedup window, 7 days by default) and deleted in
+bounded batches by `Inbox.clean_up` (run by `Bus.run()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from tidings.context import Context
+from tidings.errors import ConfigurationError, Unavailable
+from tidings.messages import Message, Reply
+from tidings.storage import inbox_table, utc_now
+from tidings.storage.crashpoints import crash_point
+from tidings.storage.database import insert_ignoring_duplicates, translate_errors
+
+if TYPE_CHECKING:
+    from tidings.bus import Bus
+    from tidings.pipeline import Next
+
+__all__ = ["Inbox", "InboxSettings"]
+
+log = logging.getLogger("tidings.inbox")
+
+_columns = inbox_table.c
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InboxSettings:
+    """How long handled message ids are remembered, and how they are cleaned up."""
+
+    #: The dedup window: a copy of a message arriving later than this is handled again.
+    retention: timedelta = timedelta(days=7)
+    #: Records deleted per statement, and seconds between cleanup runs.
+    cleanup_batch_size: int = 1000
+    cleanup_interval: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.retention <= timedelta(0):
+            raise ConfigurationError("the inbox retention must be positive")
+        if self.cleanup_batch_size < 1 or self.cleanup_interval <= 0:
+            raise ConfigurationError("inbox cleanup_batch_size and cleanup_interval must be positive")
+
+
+class Inbox:
+    """The middleware that makes a service's handlers idempotent (see the module docstring)."""
+
+    def __init__(self, bus: Bus, engine: AsyncEngine, settings: InboxSettings | None = None) -> None:
+        self.bus = bus
+        self.service = bus.service
+        self.engine = engine
+        self.settings = settings or InboxSettings()
+        # expire_on_commit=False: objects a handler loaded stay readable after the commit.
+        self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._record_statement = insert_ignoring_duplicates(inbox_table, engine.dialect.name)
+
+    async def __call__(self, ctx: Context, message: Message, call_next: Next) -> Any:
+        with translate_errors():
+            async with self.sessions() as session:
+                async with session.begin():
+                    if not await self._record(session, ctx.message_id):
+                        self.bus.stats.duplicates += 1
+                        log.info("%s %s was handled before: acknowledged", ctx.envelope.type, ctx.message_id)
+                        return None
+                    ctx.session = session
+                    try:
+                        result = await call_next(ctx, message)
+                        if isinstance(result, Reply):
+                            # The reply is one of the messages the handler emits: same transaction.
+                            await self.bus.reply_to(ctx, result)
+                            result = None
+                    finally:
+                        ctx.session = None
+                crash_point("inbox-after-commit")
+        return result
+
+    async def _record(self, session: AsyncSession, message_id: str) -> bool:
+        """Insert the inbox record; False if (service, message id) is recorded already."""
+        values = {"service": self.service, "message_id": message_id, "handled_at": utc_now()}
+        if self._record_statement is not None:
+            result = await session.execute(self._record_statement.returning(_columns.message_id), values)
+            return result.first() is not None
+        try:
+            async with session.begin_nested():
+                await session.execute(insert(inbox_table), values)
+        except IntegrityError:
+            return False
+        return True
+
+    async def clean_up(self) -> int:
+        """Delete records older than the retention, in bounded batches; returns how many."""
+        cutoff = utc_now() - self.settings.retention
+        size = self.settings.cleanup_batch_size
+        total = 0
+        while True:
+            oldest = (
+                select(_columns.message_id)
+                .where(_columns.service == self.service, _columns.handled_at < cutoff)
+                .limit(size)
+                .with_for_update(skip_locked=True)
+            )
+            with translate_errors():
+                async with self.engine.begin() as connection:
+                    result = await connection.execute(
+                        delete(inbox_table).where(
+                            _columns.service == self.service,
+                            _columns.message_id.in_(oldest.scalar_subquery()),
+                        )
+                    )
+            total += result.rowcount
+            if result.rowcount < size:
+                return total
+            await asyncio.sleep(0)  # other work goes on between batches
+
+    async def clean_up_forever(self) -> None:
+        """Run `clean_up` every `cleanup_interval` seconds until cancelled (`Bus.run()` does)."""
+        while True:
+            try:
+                deleted = await self.clean_up()
+                if deleted:
+                    log.info("inbox of %s: %d records past the dedup window deleted", self.service, deleted)
+            except Unavailable as error:
+                log.warning("inbox cleanup of %s: %s", self.service, error)
+            except Exception:
+                log.exception("inbox cleanup of %s failed", self.service)
+            await asyncio.sleep(self.settings.cleanup_interval)

@@ -1,0 +1,425 @@
+"""The relay: ships committed outbox rows to the transport, then marks them sent.
+
+One round (`Relay.relay_once`):
+
+1. **Claim**, in a short transaction: lease the oldest claimable rows of this service (not sent, not
+   leased by a live relay, not waiting after a refusal) with
+   `UPDATE .. WHERE id IN (SELECT .. ORDER BY id LIMIT n FOR UPDATE SKIP LOCKED) RETURNING ..`.
+   On PostgreSQL SKIP LOCKED lets relays claim side by side; SQLite takes one writer at a time.
+   The lease, not a transaction held open, protects the rows while they are shipped: no database
+   lock is held across broker round trips.
+2. **Order** (`plan`): a row waits while an older unsent row of its transaction or of its subject is
+   with another relay. The rest form chains (rows linked by a transaction or a subject), each shipped
+   one row after the other; chains go side by side.
+3. **Ship**: `transport.publish` / `transport.send`; their return is the confirmation.
+4. **Settle**, in one short transaction: confirmed rows are marked sent; refused rows (`NoRoute`,
+   not confirmed, unreadable) get `attempts + 1`, `last_error` and a backoff, and do not hold up
+   the rows behind them; unshipped rows are released.
+
+A relay killed between 3 and 4 leaves its rows leased: they are shipped again after the claim
+timeout, and the consumers' inbox drops the duplicate. A transport outage ends the round, releases
+what was not shipped and backs off. Sent rows are deleted after the retention period, in bounded
+batches (`Relay.clean_up`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import bindparam, delete, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tidings.envelope import Envelope
+from tidings.errors import (
+    ConfigurationError,
+    NoRoute,
+    PublishNotConfirmed,
+    TransportError,
+    Unavailable,
+)
+from tidings.storage import as_utc, outbox_table, utc_now
+from tidings.storage.crashpoints import crash_point
+from tidings.storage.database import translate_errors
+
+if TYPE_CHECKING:
+    from tidings.bus import Bus
+    from tidings.outbox import Outbox
+
+__all__ = ["Relay", "RelayStats", "plan", "run_relay"]
+
+log = logging.getLogger("tidings.relay")
+
+_table = outbox_table
+_columns = _table.c
+
+#: The transport refused this one message (not itself failing): the row is refused, the round goes on.
+_REFUSALS = (NoRoute, PublishNotConfirmed)
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """What a relay has done since it started (health checks, the demo, tests)."""
+
+    #: Rounds done (claims made, empty or not): a relay that is alive keeps counting.
+    rounds: int = 0
+    sent: int = 0
+    #: Refusals: a row refused three times counts three.
+    refused: int = 0
+    #: Rows claimed but left for later because an older row of their chain was with another relay.
+    held_back: int = 0
+    #: Rounds cut short because the transport or the database was unavailable.
+    outages: int = 0
+    #: Sent rows deleted after the retention period.
+    deleted: int = 0
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """The part of an outbox row the relay needs."""
+
+    id: int
+    transaction_key: int
+    subject: str | None = None
+    headers: str = "{}"
+    body: bytes = b""
+    queue: str | None = None
+    not_before: datetime | None = None
+    attempts: int = 0
+
+    def order_keys(self) -> tuple[tuple[str, object], ...]:
+        """The rows this one must follow: those of its transaction, and those of its subject."""
+        if self.subject is None:
+            return (("transaction", self.transaction_key),)
+        return (("transaction", self.transaction_key), ("subject", self.subject))
+
+
+def plan(
+    claimed: Sequence[OutboxRow], elsewhere: Iterable[OutboxRow]
+) -> tuple[list[list[OutboxRow]], list[OutboxRow]]:
+    """Split claimed rows into chains to ship (each in id order) and rows to hold back.
+
+    `elsewhere` are older unsent rows this relay did not claim (another relay has them). A claimed
+    row sharing a transaction or a subject with an older row elsewhere, or with a held-back row,
+    is held back; the rows left are linked into chains by shared transactions and subjects.
+    """
+    first_unshipped: dict[tuple[str, object], int] = {}
+    for row in elsewhere:
+        for key in row.order_keys():
+            first_unshipped[key] = min(first_unshipped.get(key, row.id), row.id)
+    ready: list[OutboxRow] = []
+    held: list[OutboxRow] = []
+    for row in sorted(claimed, key=lambda r: r.id):
+        if any(first_unshipped.get(key, row.id) < row.id for key in row.order_keys()):
+            held.append(row)
+            for key in row.order_keys():
+                first_unshipped.setdefault(key, row.id)
+        else:
+            ready.append(row)
+
+    # Union-find over the ready rows: two rows sharing a key are in one chain.
+    parent = list(range(len(ready)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[tuple[str, object], int] = {}
+    for i, row in enumerate(ready):
+        for key in row.order_keys():
+            if key in owner:
+                parent[find(i)] = find(owner[key])
+            else:
+                owner[key] = i
+    chains: dict[int, list[OutboxRow]] = {}
+    for i, row in enumerate(ready):
+        chains.setdefault(find(i), []).append(row)
+    return list(chains.values()), held
+
+
+@dataclass(slots=True)
+class _Round:
+    sent: list[int] = field(default_factory=list)
+    refused: list[tuple[OutboxRow, BaseException]] = field(default_factory=list)
+    outage: TransportError | None = None
+
+
+class Relay:
+    """Ships one service's committed outbox rows to its bus's transport."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.bus = outbox.bus
+        self.settings = outbox.settings
+        self.engine = outbox.engine
+        self.service = outbox.bus.service
+        #: Names this relay's leases, so it releases only its own.
+        self.relay_id = uuid.uuid4().hex
+        self.stats = RelayStats()
+        self._more_waiting = False
+
+    async def run(self) -> None:
+        """Ship rows until cancelled; outages are logged and waited out, never raised."""
+        loop = asyncio.get_running_loop()
+        next_cleanup = loop.time()
+        failures = 0
+        while True:
+            # Cleared before the claim: a commit during the round wakes the next wait at once.
+            self.outbox.clear_wake()
+            try:
+                await self.relay_once()
+                if loop.time() >= next_cleanup:
+                    await self.clean_up()
+                    next_cleanup = loop.time() + self.settings.cleanup_interval
+            except Exception as error:
+                failures += 1
+                self.stats.outages += 1
+                self.stats.last_error = str(error)
+                delay = min(30.0, 0.25 * 2 ** min(failures, 7))
+                if isinstance(error, TransportError | Unavailable | ConfigurationError):
+                    log.warning("outbox relay of %s: %s; again in %.1fs", self.service, error, delay)
+                else:
+                    log.exception("outbox relay of %s failed; again in %.1fs", self.service, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            if not self._more_waiting:
+                await self.outbox.wait_for_work(self.settings.poll_interval)
+
+    async def relay_once(self) -> int:
+        """Claim, ship and settle one batch; returns how many rows were shipped or refused."""
+        claimed, elsewhere = await self._claim()
+        self.stats.rounds += 1
+        if not claimed:
+            self._more_waiting = False
+            return 0
+        chains, held = plan(claimed, elsewhere)
+        result = _Round()
+        try:
+            await self._ship(chains, result)
+            if result.sent:
+                crash_point("relay-after-confirm")
+        except BaseException:
+            # Cancelled mid-round: record what the transport confirmed, release the rest.
+            with contextlib.suppress(Exception):
+                await self._settle(claimed, result)
+            raise
+        await self._settle(claimed, result)
+        self.stats.sent += len(result.sent)
+        self.stats.refused += len(result.refused)
+        self.stats.held_back += len(held)
+        for row, error in result.refused:
+            self.stats.last_error = f"{type(error).__name__}: {error}"
+            log.warning(
+                "outbox row %d of %s refused (attempt %d), tried again later: %s",
+                row.id,
+                self.service,
+                row.attempts + 1,
+                self.stats.last_error,
+            )
+        if result.outage is not None:
+            raise result.outage
+        shipped = len(result.sent) + len(result.refused)
+        self._more_waiting = len(claimed) >= self.settings.batch_size and shipped > 0
+        return shipped
+
+    async def clean_up(self) -> int:
+        """Delete sent rows older than the retention period, in bounded batches; returns how many."""
+        cutoff = utc_now() - self.settings.retention
+        size = self.settings.cleanup_batch_size
+        total = 0
+        while True:
+            oldest = (
+                select(_columns.id)
+                .where(
+                    _columns.service == self.service,
+                    _columns.sent_at.is_not(None),
+                    _columns.sent_at < cutoff,
+                )
+                .limit(size)
+                .with_for_update(skip_locked=True)
+            )
+            with translate_errors():
+                async with self.engine.begin() as connection:
+                    result = await connection.execute(
+                        delete(_table).where(_columns.id.in_(oldest.scalar_subquery()))
+                    )
+            total += result.rowcount
+            self.stats.deleted += result.rowcount
+            if result.rowcount < size:
+                return total
+            await asyncio.sleep(0)  # let the loop breathe between batches
+
+    # -- the steps of a round ----------------------------------------------------------------
+
+    async def _claim(self) -> tuple[list[OutboxRow], list[OutboxRow]]:
+        now = utc_now()
+        claimable = (
+            select(_columns.id)
+            .where(
+                _columns.service == self.service,
+                _columns.sent_at.is_(None),
+                or_(_columns.claimed_until.is_(None), _columns.claimed_until < now),
+                or_(_columns.next_attempt_at.is_(None), _columns.next_attempt_at <= now),
+            )
+            .order_by(_columns.id)
+            .limit(self.settings.batch_size)
+            .with_for_update(skip_locked=True)
+        )
+        claim = (
+            update(_table)
+            .where(_columns.id.in_(claimable.scalar_subquery()))
+            .values(
+                claimed_by=self.relay_id,
+                claimed_until=now + timedelta(seconds=self.settings.claim_timeout),
+            )
+            .returning(
+                _columns.id,
+                _columns.transaction_key,
+                _columns.subject,
+                _columns.headers,
+                _columns.body,
+                _columns.queue,
+                _columns.not_before,
+                _columns.attempts,
+            )
+        )
+        with translate_errors():
+            async with self.engine.begin() as connection:
+                claimed = sorted(
+                    (OutboxRow(**row._asdict()) for row in await connection.execute(claim)),
+                    key=lambda r: r.id,
+                )
+                elsewhere = await self._older_elsewhere(connection, claimed) if claimed else []
+        return claimed, elsewhere
+
+    async def _older_elsewhere(
+        self, connection: AsyncConnection, claimed: Sequence[OutboxRow]
+    ) -> list[OutboxRow]:
+        """Unsent rows older than some claimed row, not claimed here, sharing its transaction or subject.
+
+        Rows refused before (attempts > 0) are left out: a refused row does not hold up its chain.
+        """
+        subjects = {row.subject for row in claimed if row.subject is not None}
+        query = select(_columns.id, _columns.transaction_key, _columns.subject).where(
+            _columns.service == self.service,
+            _columns.sent_at.is_(None),
+            _columns.attempts == 0,
+            _columns.id < claimed[-1].id,
+            _columns.id.not_in([row.id for row in claimed]),
+            or_(
+                _columns.transaction_key.in_({row.transaction_key for row in claimed}),
+                _columns.subject.in_(subjects),
+            ),
+        )
+        return [OutboxRow(**row._asdict()) for row in await connection.execute(query)]
+
+    async def _ship(self, chains: Sequence[Sequence[OutboxRow]], result: _Round) -> None:
+        slots = asyncio.Semaphore(self.settings.max_in_flight)
+
+        async def ship_chain(chain: Sequence[OutboxRow]) -> None:
+            async with slots:
+                for row in chain:
+                    if result.outage is not None:
+                        return
+                    try:
+                        await _ship_row(self.bus, row)
+                    except _REFUSALS as error:
+                        result.refused.append((row, error))
+                    except TransportError as error:
+                        result.outage = error
+                        return
+                    except Exception as error:
+                        # An unreadable row or a transport bug: this row is refused, not the batch.
+                        log.exception("outbox row %d of %s could not be shipped", row.id, self.service)
+                        result.refused.append((row, error))
+                    else:
+                        result.sent.append(row.id)
+
+        await asyncio.gather(*(ship_chain(chain) for chain in chains))
+
+    async def _settle(self, claimed: Sequence[OutboxRow], result: _Round) -> None:
+        now = utc_now()
+        done = set(result.sent) | {row.id for row, _ in result.refused}
+        unshipped = [row.id for row in claimed if row.id not in done]
+        with translate_errors():
+            async with self.engine.begin() as connection:
+                if result.sent:
+                    await connection.execute(
+                        update(_table)
+                        .where(_columns.id.in_(result.sent))
+                        .values(sent_at=now, claimed_by=None, claimed_until=None)
+                    )
+                if result.refused:
+                    await connection.execute(
+                        update(_table)
+                        .where(_columns.id == bindparam("row_id"))
+                        .values(
+                            attempts=_columns.attempts + 1,
+                            last_error=bindparam("error"),
+                            next_attempt_at=bindparam("retry_at"),
+                            claimed_by=None,
+                            claimed_until=None,
+                        ),
+                        [
+                            {
+                                "row_id": row.id,
+                                "error": f"{type(error).__name__}: {error}"[:2000],
+                                "retry_at": now + timedelta(seconds=self._backoff(row.attempts)),
+                            }
+                            for row, error in result.refused
+                        ],
+                    )
+                if unshipped:
+                    await connection.execute(
+                        update(_table)
+                        .where(_columns.id.in_(unshipped), _columns.claimed_by == self.relay_id)
+                        .values(claimed_by=None, claimed_until=None)
+                    )
+
+    def _backoff(self, attempts: int) -> float:
+        return float(
+            min(self.settings.max_refused_backoff, self.settings.refused_backoff * 2 ** min(attempts, 30))
+        )
+
+
+async def _ship_row(bus: Bus, row: OutboxRow) -> None:
+    envelope = Envelope.from_headers(json.loads(row.headers), row.body)
+    not_before = as_utc(row.not_before)
+    if row.queue is None:
+        await bus.transport.publish(envelope, not_before=not_before)
+    else:
+        await bus.transport.send(envelope, row.queue, not_before=not_before)
+
+
+async def run_relay(bus: Bus) -> None:
+    """Run `bus`'s relay alone (`tidings relay`) until SIGINT or SIGTERM."""
+    if bus.outbox is None:
+        raise ConfigurationError(f"service {bus.service!r} has no database: Bus(..., database=engine)")
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        async with bus:
+            relaying = asyncio.create_task(bus.outbox.relay.run())
+            waiting = asyncio.create_task(stopping.wait())
+            await asyncio.wait({relaying, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            relaying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relaying
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)

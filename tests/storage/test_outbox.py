@@ -1,0 +1,259 @@
+"""The outbox: written in the caller's transaction, shipped by the relay after the commit."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from tests.helpers import eventually, running
+from tests.storage.messages import Credit, Deposited
+from tidings import Bus, ConfigurationError, Context, Envelope, TransportError
+from tidings.outbox import OutboxSettings
+from tidings.storage import as_utc, outbox_table
+from tidings.transports.memory import MemoryTransport
+
+# A relay that only polls would wait an hour: these tests pass only if a commit wakes it.
+NO_POLLING = OutboxSettings(poll_interval=3600)
+
+
+def memory_url() -> str:
+    return f"memory://{uuid.uuid4().hex}"
+
+
+async def count_rows(engine: AsyncEngine, *conditions: object) -> int:
+    async with engine.connect() as connection:
+        query = select(func.count()).select_from(outbox_table).where(*conditions)  # type: ignore[arg-type]
+        return int((await connection.execute(query)).scalar_one())
+
+
+def consumer_of(url: str, received: list[Deposited]) -> Bus:
+    consumer = Bus("consumer", transport=url)
+
+    @consumer.subscribe(Deposited)
+    async def record(event: Deposited, ctx: Context) -> None:
+        received.append(event)
+
+    return consumer
+
+
+async def test_a_committed_publish_is_delivered_at_once_a_rolled_back_one_never(
+    database: AsyncEngine,
+) -> None:
+    url = memory_url()
+    producer = Bus("producer", transport=url, database=database, outbox_settings=NO_POLLING)
+    received: list[Deposited] = []
+    async with running(consumer_of(url, received), producer):
+        relay = producer.outbox.relay  # type: ignore[union-attr]
+        await eventually(lambda: relay.stats.rounds >= 1)  # then it waits for a wake-up only
+        async with AsyncSession(database) as session:
+            async with session.begin():
+                await producer.publish(Deposited(account="a", seq=1), session=session)
+                await session.rollback()
+            async with session.begin():
+                await producer.publish(Deposited(account="a", seq=2), session=session)
+        await eventually(lambda: len(received) >= 1)
+    # Shipped in id order: had the rolled-back row existed, it would have come first.
+    assert [event.seq for event in received] == [2]
+    assert await count_rows(database) == 1
+
+
+async def test_the_row_holds_the_whole_envelope_and_where_it_goes(database: AsyncEngine) -> None:
+    bus = Bus("producer", transport=memory_url(), database=database)
+    bus.route(Credit, to="accounts")
+    later = datetime.now(UTC) + timedelta(hours=1)
+    async with AsyncSession(database) as session, session.begin():
+        await bus.publish(
+            Deposited(account="a", seq=1), session=session, subject="a", headers={"x-user": "u1"}
+        )
+        await bus.send(Credit(account="a", seq=2), session=session, at=later)
+    async with database.connect() as connection:
+        rows = (await connection.execute(select(outbox_table).order_by(outbox_table.c.id))).all()
+    published, sent = rows
+    headers = json.loads(published.headers)
+    envelope = Envelope.from_headers(headers, published.body)
+    assert envelope.type == "storage-test.deposited"
+    assert envelope.subject == "a"
+    assert envelope.headers["x-user"] == "u1"
+    assert envelope.id == published.message_id
+    assert json.loads(published.body) == {"account": "a", "seq": 1}
+    assert published.queue is None
+    assert published.not_before is None
+    assert sent.queue == "accounts"
+    assert as_utc(sent.not_before) == later
+    assert published.transaction_key == sent.transaction_key  # one transaction: kept in order
+    assert published.sent_at is None
+    assert published.attempts == 0
+
+
+async def test_each_transaction_gets_its_own_key(database: AsyncEngine) -> None:
+    bus = Bus("producer", transport=memory_url(), database=database)
+    async with AsyncSession(database) as session:
+        for seq in (1, 2):
+            async with session.begin():
+                await bus.publish(Deposited(account="a", seq=seq), session=session)
+    async with database.connect() as connection:
+        keys = (await connection.execute(select(outbox_table.c.transaction_key))).scalars().all()
+    assert len(set(keys)) == 2
+
+
+async def test_a_session_without_a_transaction_is_refused_and_nothing_written(database: AsyncEngine) -> None:
+    bus = Bus("producer", transport=memory_url(), database=database)
+    async with AsyncSession(database) as session:
+        with pytest.raises(ConfigurationError, match="transaction in progress"):
+            await bus.publish(Deposited(account="a", seq=1), session=session)
+        await session.commit()
+    assert await count_rows(database) == 0
+
+
+async def test_a_session_of_another_engine_is_refused_and_nothing_written(
+    database: AsyncEngine, tmp_path: object
+) -> None:
+    bus = Bus("producer", transport=memory_url(), database=database)
+    other = create_async_engine("sqlite+aiosqlite://")
+    try:
+        async with AsyncSession(other) as session, session.begin():
+            with pytest.raises(ConfigurationError, match="not to the bus's database"):
+                await bus.publish(Deposited(account="a", seq=1), session=session)
+    finally:
+        await other.dispose()
+    assert await count_rows(database) == 0
+
+
+async def test_session_must_be_an_async_session(database: AsyncEngine) -> None:
+    bus = Bus("producer", transport=memory_url(), database=database)
+    async with database.begin() as connection:
+        with pytest.raises(ConfigurationError, match="AsyncSession"):
+            await bus.publish(Deposited(account="a", seq=1), session=connection)
+
+
+async def test_session_needs_a_bus_with_a_database(database: AsyncEngine) -> None:
+    bus = Bus("producer", transport=memory_url())
+    async with AsyncSession(database) as session, session.begin():
+        with pytest.raises(ConfigurationError, match="needs a bus with a database"):
+            await bus.publish(Deposited(account="a", seq=1), session=session)
+
+
+async def test_rows_written_in_a_released_savepoint_commit_with_the_transaction(
+    database: AsyncEngine,
+) -> None:
+    bus = Bus("producer", transport=memory_url(), database=database)
+    async with AsyncSession(database) as session, session.begin():
+        async with session.begin_nested():
+            await bus.publish(Deposited(account="a", seq=1), session=session)
+        savepoint = await session.begin_nested()
+        await bus.publish(Deposited(account="a", seq=2), session=session)
+        await savepoint.rollback()
+    async with database.connect() as connection:
+        bodies = (await connection.execute(select(outbox_table.c.body))).scalars().all()
+    assert [json.loads(body)["seq"] for body in bodies] == [1]
+
+
+async def test_a_refused_row_is_kept_counted_and_does_not_block_the_rows_behind_it(
+    database: AsyncEngine,
+) -> None:
+    url = memory_url()
+    bus = Bus("producer", transport=url, database=database)
+    bus.route(Credit, to="nowhere")  # never declared: the transport says NoRoute
+    received: list[Deposited] = []
+    async with running(consumer_of(url, received)), bus:
+        async with AsyncSession(database) as session, session.begin():
+            await bus.send(Credit(account="a", seq=1), session=session, subject="a")
+            await bus.publish(Deposited(account="a", seq=2), session=session, subject="a")
+        relay = bus.outbox.relay  # type: ignore[union-attr]
+        assert await relay.relay_once() == 2
+        await eventually(lambda: len(received) == 1)
+    assert relay.stats.sent == 1
+    assert relay.stats.refused == 1
+    assert relay.stats.last_error is not None
+    assert "NoRoute" in relay.stats.last_error
+    async with database.connect() as connection:
+        refused = (
+            await connection.execute(select(outbox_table).where(outbox_table.c.queue == "nowhere"))
+        ).one()
+    assert refused.sent_at is None
+    assert refused.attempts == 1
+    assert "NoRoute" in refused.last_error
+    assert refused.next_attempt_at is not None
+    assert refused.claimed_by is None
+
+
+async def test_a_transport_outage_leaves_the_rows_for_later(database: AsyncEngine) -> None:
+    url = memory_url()
+    bus = Bus("producer", transport=url, database=database)
+    async with bus:
+        async with AsyncSession(database) as session, session.begin():
+            for seq in range(3):
+                await bus.publish(Deposited(account="a", seq=seq), session=session)
+        relay = bus.outbox.relay  # type: ignore[union-attr]
+        original = MemoryTransport.publish
+
+        async def broker_down(*args: object, **kwargs: object) -> None:
+            raise TransportError("broker down")
+
+        bus.transport.publish = broker_down  # type: ignore[method-assign]
+        with pytest.raises(TransportError):
+            await relay.relay_once()
+        assert await count_rows(database, outbox_table.c.claimed_by.is_not(None)) == 0
+        assert await count_rows(database, outbox_table.c.sent_at.is_(None)) == 3
+        bus.transport.publish = original.__get__(bus.transport)  # type: ignore[method-assign]
+        assert await relay.relay_once() == 3
+    assert await count_rows(database, outbox_table.c.sent_at.is_not(None)) == 3
+    assert relay.stats.refused == 0
+
+
+async def test_sent_rows_are_deleted_after_the_retention_in_bounded_batches(database: AsyncEngine) -> None:
+    settings = OutboxSettings(retention=timedelta(minutes=5), cleanup_batch_size=2)
+    bus = Bus("producer", transport=memory_url(), database=database, outbox_settings=settings)
+    async with bus:
+        async with AsyncSession(database) as session, session.begin():
+            for seq in range(7):
+                await bus.publish(Deposited(account="a", seq=seq), session=session)
+        relay = bus.outbox.relay  # type: ignore[union-attr]
+        await relay.relay_once()
+        # Five rows were sent long ago, two just now (inside the retention period).
+        async with database.begin() as connection:
+            old = datetime.now(UTC) - timedelta(minutes=10)
+            ids = (await connection.execute(select(outbox_table.c.id).order_by(outbox_table.c.id))).scalars()
+            await connection.execute(
+                update(outbox_table).where(outbox_table.c.id.in_(list(ids)[:5])).values(sent_at=old)
+            )
+        assert await relay.clean_up() == 5
+    assert relay.stats.deleted == 5
+    assert await count_rows(database) == 2
+
+
+async def test_another_services_rows_are_not_shipped(database: AsyncEngine) -> None:
+    url = memory_url()
+    mine = Bus("producer", transport=url, database=database)
+    theirs = Bus("other", transport=url, database=database)
+    async with mine, AsyncSession(database) as session:
+        async with session.begin():
+            await theirs.publish(Deposited(account="a", seq=1), session=session)
+        assert await mine.outbox.relay.relay_once() == 0  # type: ignore[union-attr]
+    assert await count_rows(database, outbox_table.c.service == "other") == 1
+
+
+async def test_the_database_being_down_is_unavailable_not_a_crash() -> None:
+    from tidings import Unavailable
+
+    engine = create_async_engine("postgresql+asyncpg://postgres@127.0.0.1:1/none")
+    bus = Bus("producer", transport=memory_url(), database=engine)
+    try:
+        async with bus:
+            with pytest.raises(Unavailable, match="database unavailable"):
+                await bus.outbox.relay.relay_once()  # type: ignore[union-attr]
+    finally:
+        await engine.dispose()
+
+
+async def test_schema_round_trip_keeps_create_tables_idempotent(database: AsyncEngine) -> None:
+    bus = Bus("producer", transport=memory_url(), database=database)
+    await bus.create_tables()
+    await bus.create_tables()
+    async with database.connect() as connection:
+        assert (await connection.execute(text("SELECT count(*) FROM tidings_inbox"))).scalar_one() == 0
