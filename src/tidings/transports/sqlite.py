@@ -50,8 +50,11 @@ __all__ = ["SQLiteSettings", "SQLiteTransport"]
 
 T = TypeVar("T")
 
-#: The first poll after messages stopped coming; each empty poll doubles it.
+#: The poll interval while messages flow. Once none came for `_BUSY_GRACE`, each empty poll doubles
+#: the interval up to `max_poll_interval`: a stream with hiccups keeps fast polls, an idle consumer
+#: costs next to nothing.
 _MIN_POLL_INTERVAL = 0.001
+_BUSY_GRACE = 0.2
 #: How long a receiver with no room (prefetch reached) sleeps before looking at `close()` again.
 _FULL_WAIT = 0.5
 
@@ -108,10 +111,12 @@ class _Receiver:
     __slots__ = (
         "claim_now",
         "interval",
+        "last_rows_at",
         "next_due",
         "prefetch",
         "prefetched",
         "queue",
+        "room",
         "seen_version",
         "unsettled",
         "wake",
@@ -123,12 +128,15 @@ class _Receiver:
         #: Claimed, not yet yielded (goes back to the queue when the iterator closes).
         self.prefetched: deque[schema.Row] = deque()
         self.unsettled = 0
-        #: Set by a local commit to this queue, a settle (room under prefetch) and close().
+        #: Set by a commit in this process that filled the queue, and by close().
         self.wake = asyncio.Event()
+        #: Set by a settle (room under the prefetch again), and by close().
+        self.room = asyncio.Event()
         # Polling: claim without asking first (the last claim was full); else the poll interval
         # (doubling while idle), when the queue's next message comes due, the last data_version.
         self.claim_now = True
         self.interval = _MIN_POLL_INTERVAL
+        self.last_rows_at = 0.0
         self.next_due: float | None = None
         self.seen_version: int | None = None
 
@@ -145,19 +153,27 @@ class _SQLiteDelivery(Delivery):
         self._seq = row.seq
         self._settled = False
 
-    async def _settle(self, run: Callable[[schema.Batch], None]) -> None:
-        # Settling twice is a no-op, and so is settling after close(): close() already gave the
-        # message back to its queue, where it will be delivered again.
+    def _settling(self) -> bool:
+        """Whether to settle now. Settling twice is a no-op, and so is settling after close():
+        close() already gave the message back to its queue, where it will be delivered again."""
         if self._settled:
-            return
+            return False
         self._settled = True
         self._receiver.unsettled -= 1
-        self._receiver.wake.set()
-        if self._transport.is_open:
+        self._receiver.room.set()
+        return self._transport.is_open
+
+    async def _settle(self, run: Callable[[schema.Batch], None]) -> None:
+        if self._settling():
             await self._transport._submit(run)
 
     async def ack(self) -> None:
-        await self._settle(partial(schema.ack, seq=self._seq, delivery_count=self.delivery_count))
+        # Like an AMQP ack, this returns without waiting for the commit (it shares the next one):
+        # an ack lost to a crash means one more delivery, which at-least-once allows.
+        if self._settling():
+            self._transport._submit_nowait(
+                partial(schema.ack, seq=self._seq, delivery_count=self.delivery_count)
+            )
 
     async def retry_later(self, delay: float, headers: Mapping[str, str]) -> None:
         await self._settle(
@@ -212,6 +228,11 @@ class SQLiteTransport(Transport):
             raise TransportClosed(f"{self.url} is not open")
         return self._worker.submit(run, write=write)
 
+    def _submit_nowait(self, run: Callable[[schema.Batch], None]) -> None:
+        if self._worker is None:
+            raise TransportClosed(f"{self.url} is not open")
+        self._worker.submit_nowait(run)
+
     async def open(self) -> None:
         if self._worker is not None:
             return
@@ -249,7 +270,9 @@ class SQLiteTransport(Transport):
             self._listener = None
         for receiver in self._receivers:
             receiver.prefetched.clear()
-            receiver.wake.set()  # so that each raises TransportClosed now, not at its next poll
+            # So that each raises TransportClosed now, not at its next poll.
+            receiver.wake.set()
+            receiver.room.set()
         try:
             await closing
         finally:
@@ -316,8 +339,8 @@ class SQLiteTransport(Transport):
                 return receiver.prefetched.popleft()
             room = receiver.prefetch - receiver.unsettled
             if room <= 0:
-                receiver.wake.clear()
-                await _wait(receiver.wake, _FULL_WAIT)
+                receiver.room.clear()
+                await _wait(receiver.room, _FULL_WAIT)
                 continue
             if not receiver.claim_now and not await self._worth_a_claim(receiver):
                 continue
@@ -332,9 +355,10 @@ class SQLiteTransport(Transport):
             receiver.claim_now = len(claim.rows) == room
             if claim.rows:
                 receiver.interval = _MIN_POLL_INTERVAL
+                receiver.last_rows_at = time.monotonic()
 
     async def _worth_a_claim(self, receiver: _Receiver) -> bool:
-        """Sleep until a local commit or a settle wakes `receiver`, the next held-back or claimed
+        """Sleep until a local commit wakes `receiver`, the next held-back or claimed
         message comes due, or another process committed (seen at the next poll)."""
         timeout = receiver.interval
         if receiver.next_due is not None:
@@ -346,7 +370,8 @@ class SQLiteTransport(Transport):
         version = await self._submit(schema.data_version, write=False)
         if version != receiver.seen_version:
             return True
-        receiver.interval = min(receiver.interval * 2, self.settings.max_poll_interval)
+        if time.monotonic() - receiver.last_rows_at > _BUSY_GRACE:
+            receiver.interval = min(receiver.interval * 2, self.settings.max_poll_interval)
         return False
 
     async def _claim(self, queue: str, room: int) -> schema.Claim:

@@ -20,6 +20,7 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tidings.errors import ConnectionFailed, NoRoute
 from tidings.headers import strip_fault_headers
@@ -87,7 +88,13 @@ class Claim:
 
 @dataclass(slots=True)
 class Batch:
-    """One transaction on the transport's thread, and what it did (applied after the commit)."""
+    """One transaction on the transport's thread, and what it did (applied after the commit).
+
+    Statements on messages may be deferred (`defer`): consecutive ones with the same SQL run as one
+    `executemany`, several times faster than one `execute` each. They run, in order, before the
+    next `execute` and before the commit. They never touch the topology (queues and bindings), so
+    topology lookups, cached for the transaction, need not wait for them.
+    """
 
     connection: sqlite3.Connection
     #: The transport instance: the claim token on rows it holds, the owner of its temporary queues.
@@ -103,6 +110,42 @@ class Batch:
     #: Queues that got a message: receivers in this process are woken once it committed.
     touched: set[str] = field(default_factory=set)
     owns_temporary: bool = False
+    _deferred: list[tuple[str, list[tuple[Any, ...]]]] = field(default_factory=list)
+    _bindings: dict[str, list[str]] = field(default_factory=dict)
+    _queues: dict[str, bool] = field(default_factory=dict)
+
+    def execute(self, sql: str, parameters: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        self.flush()
+        return self.connection.execute(sql, parameters)
+
+    def defer(self, sql: str, parameters: tuple[Any, ...]) -> None:
+        if self._deferred and self._deferred[-1][0] == sql:
+            self._deferred[-1][1].append(parameters)
+        else:
+            self._deferred.append((sql, [parameters]))
+
+    def flush(self) -> None:
+        for sql, rows in self._deferred:
+            self.connection.executemany(sql, rows)
+        self._deferred.clear()
+
+    def queue_exists(self, queue: str) -> bool:
+        if queue not in self._queues:
+            found = self.connection.execute("SELECT 1 FROM tidings_queues WHERE name = ?", (queue,))
+            self._queues[queue] = found.fetchone() is not None
+        return self._queues[queue]
+
+    def bound_queues(self, event_type: str) -> list[str]:
+        if event_type not in self._bindings:
+            found = self.connection.execute(
+                "SELECT queue FROM tidings_bindings WHERE event_type = ? ORDER BY queue", (event_type,)
+            )
+            self._bindings[event_type] = [queue for (queue,) in found]
+        return self._bindings[event_type]
+
+    def topology_changed(self) -> None:
+        self._bindings.clear()
+        self._queues.clear()
 
 
 def create_schema(connection: sqlite3.Connection) -> None:
@@ -120,38 +163,36 @@ def create_schema(connection: sqlite3.Connection) -> None:
 
 def require_queue(batch: Batch, queue: str) -> None:
     """`NoRoute` unless `queue` exists."""
-    found = batch.connection.execute("SELECT 1 FROM tidings_queues WHERE name = ?", (queue,))
-    if found.fetchone() is None:
+    if not batch.queue_exists(queue):
         raise NoRoute(f"no queue {queue!r}")
 
 
 def delete_orphaned_queues(batch: Batch) -> None:
     """Delete the temporary queues (and their messages) of instances whose lease ran out."""
-    run = batch.connection.execute
-    run("DELETE FROM tidings_instances WHERE alive_until < ?", (batch.now,))
+    batch.topology_changed()
+    batch.execute("DELETE FROM tidings_instances WHERE alive_until < ?", (batch.now,))
     orphans = (
         "SELECT name FROM tidings_queues WHERE owner IS NOT NULL"
         " AND owner NOT IN (SELECT id FROM tidings_instances)"
     )
-    run(f"DELETE FROM tidings_messages WHERE queue IN ({orphans})")
-    run(f"DELETE FROM tidings_bindings WHERE queue IN ({orphans})")
-    run(f"DELETE FROM tidings_queues WHERE name IN ({orphans})")
+    batch.execute(f"DELETE FROM tidings_messages WHERE queue IN ({orphans})")
+    batch.execute(f"DELETE FROM tidings_bindings WHERE queue IN ({orphans})")
+    batch.execute(f"DELETE FROM tidings_queues WHERE name IN ({orphans})")
 
 
 def declare_queue(batch: Batch, queue: str, *, temporary: bool) -> None:
-    run = batch.connection.execute
-    owner = batch.instance if temporary else None
+    batch.topology_changed()
     for name in (queue, error_queue_of(queue)):
         if temporary:
-            run(
+            batch.execute(
                 "INSERT INTO tidings_queues (name, owner) VALUES (?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner",
-                (name, owner),
+                (name, batch.instance),
             )
         else:
-            run("INSERT OR IGNORE INTO tidings_queues (name) VALUES (?)", (name,))
+            batch.execute("INSERT OR IGNORE INTO tidings_queues (name) VALUES (?)", (name,))
     if temporary:
-        run(
+        batch.execute(
             "INSERT OR REPLACE INTO tidings_instances (id, alive_until) VALUES (?, ?)",
             (batch.instance, batch.now + batch.lease),
         )
@@ -160,74 +201,56 @@ def declare_queue(batch: Batch, queue: str, *, temporary: bool) -> None:
 
 def bind(batch: Batch, queue: str, event_type: str) -> None:
     require_queue(batch, queue)
-    batch.connection.execute(
-        "INSERT OR IGNORE INTO tidings_bindings (event_type, queue) VALUES (?, ?)",
-        (event_type, queue),
+    batch.topology_changed()
+    batch.execute(
+        "INSERT OR IGNORE INTO tidings_bindings (event_type, queue) VALUES (?, ?)", (event_type, queue)
     )
 
 
 def unbind(batch: Batch, queue: str, event_type: str) -> None:
-    batch.connection.execute(
-        "DELETE FROM tidings_bindings WHERE event_type = ? AND queue = ?", (event_type, queue)
-    )
+    batch.topology_changed()
+    batch.execute("DELETE FROM tidings_bindings WHERE event_type = ? AND queue = ?", (event_type, queue))
+
+
+_INSERT = "INSERT INTO tidings_messages (queue, message_id, headers, body, visible_at) VALUES (?, ?, ?, ?, ?)"
 
 
 def publish(
-    batch: Batch,
-    event_type: str,
-    message_id: str,
-    headers: str,
-    body: bytes,
-    not_before: float | None,
+    batch: Batch, event_type: str, message_id: str, headers: str, body: bytes, not_before: float | None
 ) -> None:
     visible_at = batch.now if not_before is None else max(batch.now, not_before)
     # Bindings are deleted with their queue, so every bound queue exists.
-    queues = batch.connection.execute(
-        "INSERT INTO tidings_messages (queue, message_id, headers, body, visible_at)"
-        " SELECT queue, ?, ?, ?, ? FROM tidings_bindings WHERE event_type = ? RETURNING queue",
-        (message_id, headers, body, visible_at, event_type),
-    ).fetchall()
-    batch.touched.update(queue for (queue,) in queues)
+    for queue in batch.bound_queues(event_type):
+        batch.defer(_INSERT, (queue, message_id, headers, body, visible_at))
+        batch.touched.add(queue)
 
 
 def send(
-    batch: Batch,
-    queue: str,
-    message_id: str,
-    headers: str,
-    body: bytes,
-    not_before: float | None,
+    batch: Batch, queue: str, message_id: str, headers: str, body: bytes, not_before: float | None
 ) -> None:
+    require_queue(batch, queue)
     visible_at = batch.now if not_before is None else max(batch.now, not_before)
-    inserted = batch.connection.execute(
-        "INSERT INTO tidings_messages (queue, message_id, headers, body, visible_at)"
-        " SELECT name, ?, ?, ?, ? FROM tidings_queues WHERE name = ?",
-        (message_id, headers, body, visible_at, queue),
-    )
-    if inserted.rowcount == 0:
-        raise NoRoute(f"no queue {queue!r}")
+    batch.defer(_INSERT, (queue, message_id, headers, body, visible_at))
     batch.touched.add(queue)
 
 
 def data_version(batch: Batch) -> int:
-    version: int = batch.connection.execute("PRAGMA data_version").fetchone()[0]
+    version: int = batch.execute("PRAGMA data_version").fetchone()[0]
     return version
 
 
 def claim(batch: Batch, queue: str, limit: int) -> Claim:
     """Claim up to `limit` visible messages of `queue`, oldest first."""
-    run = batch.connection.execute
     version = data_version(batch)
-    found = run(
+    found = batch.execute(
         "SELECT seq, headers, body, delivery_count FROM tidings_messages"
         " WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq LIMIT ?",
         (queue, batch.now, limit),
     ).fetchall()
     rows = [Row(seq, json.loads(headers), body, count + 1) for seq, headers, body, count in found]
     if rows:
-        run(
-            "UPDATE tidings_messages SET claimed_by = ?, visible_at = ?,"
-            " delivery_count = delivery_count + 1"
+        batch.execute(
+            "UPDATE tidings_messages SET claimed_by = ?, visible_at = ?, delivery_count = delivery_count + 1"
             " WHERE seq IN (SELECT value FROM json_each(?))",
             (batch.instance, batch.now + batch.lease, json.dumps([row.seq for row in rows])),
         )
@@ -235,28 +258,29 @@ def claim(batch: Batch, queue: str, limit: int) -> Claim:
     next_due = None
     if len(rows) < limit:
         # Everything left is held back or claimed: the first of them is when to look again.
-        (next_due,) = run("SELECT min(visible_at) FROM tidings_messages WHERE queue = ?", (queue,)).fetchone()
+        found = batch.execute("SELECT min(visible_at) FROM tidings_messages WHERE queue = ?", (queue,))
+        (next_due,) = found.fetchone()
     return Claim(rows, next_due, version)
 
 
+# Settling touches a row only while this instance still holds that claim: if the claim expired and
+# the message went to another consumer (or back to this one), a late settle changes nothing.
 _MINE = "seq = ? AND claimed_by = ? AND delivery_count = ?"
 
 
 def ack(batch: Batch, seq: int, delivery_count: int) -> None:
-    # The claim is given up even if the statement fails: the message then comes back after the
+    # The claim is given up even if the commit fails: the message then comes back after the
     # visibility timeout rather than being held (and renewed) by this live process forever.
     batch.held.pop(seq, None)
-    batch.connection.execute(
-        f"DELETE FROM tidings_messages WHERE {_MINE}", (seq, batch.instance, delivery_count)
-    )
+    batch.defer(f"DELETE FROM tidings_messages WHERE {_MINE}", (seq, batch.instance, delivery_count))
 
 
 def retry_later(batch: Batch, queue: str, seq: int, delivery_count: int, headers: str, delay: float) -> None:
     batch.held.pop(seq, None)
     # A retried message is counted as a new delivery: its count starts again, as in memory.py.
-    batch.connection.execute(
-        "UPDATE tidings_messages SET headers = ?, visible_at = ?, claimed_by = NULL,"
-        f" delivery_count = 0 WHERE {_MINE}",
+    batch.defer(
+        f"UPDATE tidings_messages SET headers = ?, visible_at = ?, claimed_by = NULL, delivery_count = 0"
+        f" WHERE {_MINE}",
         (headers, batch.now + max(delay, 0.0), seq, batch.instance, delivery_count),
     )
     batch.touched.add(queue)
@@ -265,7 +289,7 @@ def retry_later(batch: Batch, queue: str, seq: int, delivery_count: int, headers
 def dead_letter(batch: Batch, queue: str, seq: int, delivery_count: int, headers: str) -> None:
     batch.held.pop(seq, None)
     error_queue = error_queue_of(queue)
-    batch.connection.execute(
+    batch.defer(
         "UPDATE tidings_messages SET queue = ?, headers = ?, visible_at = ?, claimed_by = NULL,"
         f" delivery_count = 0 WHERE {_MINE}",
         (error_queue, headers, batch.now, seq, batch.instance, delivery_count),
@@ -277,27 +301,26 @@ def release(batch: Batch, queue: str, rows: Sequence[tuple[int, int]], *, handed
     """Give claimed `(seq, delivery_count)` rows back, first in line. Rows never `handed_out` to a
     consumer (prefetched, then the iterator closed) get their claim's count back."""
     uncount = 0 if handed_out else 1
-    for seq, _ in rows:
+    for seq, count in rows:
         batch.held.pop(seq, None)
-    batch.connection.executemany(
-        "UPDATE tidings_messages SET visible_at = 0, claimed_by = NULL,"
-        f" delivery_count = delivery_count - {uncount} WHERE {_MINE}",
-        [(seq, batch.instance, count) for seq, count in rows],
-    )
+        batch.defer(
+            "UPDATE tidings_messages SET visible_at = 0, claimed_by = NULL,"
+            f" delivery_count = delivery_count - {uncount} WHERE {_MINE}",
+            (seq, batch.instance, count),
+        )
     batch.touched.add(queue)
 
 
 def renew(batch: Batch) -> None:
     """Extend every claim this instance holds, and its lease on its temporary queues."""
-    run = batch.connection.execute
     if batch.held:
-        run(
+        batch.execute(
             "UPDATE tidings_messages SET visible_at = ?"
             " WHERE claimed_by = ? AND seq IN (SELECT value FROM json_each(?))",
             (batch.now + batch.lease, batch.instance, json.dumps(list(batch.held))),
         )
     if batch.owns_temporary:
-        run(
+        batch.execute(
             "UPDATE tidings_instances SET alive_until = ? WHERE id = ?",
             (batch.now + batch.lease, batch.instance),
         )
@@ -305,28 +328,28 @@ def renew(batch: Batch) -> None:
 
 def close_instance(batch: Batch, prefetched: Sequence[tuple[str, int, int]]) -> None:
     """What closing does: return what this instance holds, delete its temporary queues."""
-    run = batch.connection.execute
     for queue, seq, count in prefetched:
         release(batch, queue, [(seq, count)], handed_out=False)
     if batch.held:
-        returned = run(
+        returned = batch.execute(
             "UPDATE tidings_messages SET visible_at = 0, claimed_by = NULL"
             " WHERE claimed_by = ? AND seq IN (SELECT value FROM json_each(?)) RETURNING queue",
             (batch.instance, json.dumps(list(batch.held))),
         ).fetchall()
         batch.touched.update(queue for (queue,) in returned)
         batch.held.clear()
+    batch.topology_changed()
     mine = "SELECT name FROM tidings_queues WHERE owner = ?"
-    run(f"DELETE FROM tidings_messages WHERE queue IN ({mine})", (batch.instance,))
-    run(f"DELETE FROM tidings_bindings WHERE queue IN ({mine})", (batch.instance,))
-    run("DELETE FROM tidings_queues WHERE owner = ?", (batch.instance,))
-    run("DELETE FROM tidings_instances WHERE id = ?", (batch.instance,))
+    batch.execute(f"DELETE FROM tidings_messages WHERE queue IN ({mine})", (batch.instance,))
+    batch.execute(f"DELETE FROM tidings_bindings WHERE queue IN ({mine})", (batch.instance,))
+    batch.execute("DELETE FROM tidings_queues WHERE owner = ?", (batch.instance,))
+    batch.execute("DELETE FROM tidings_instances WHERE id = ?", (batch.instance,))
 
 
 def dead_letters(batch: Batch, queue: str, limit: int) -> list[DeadLetter]:
     error_queue = error_queue_of(queue)
     require_queue(batch, error_queue)
-    found = batch.connection.execute(
+    found = batch.execute(
         "SELECT message_id, headers, body FROM tidings_messages"
         " WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq LIMIT ?",
         (error_queue, batch.now, limit),
@@ -337,32 +360,30 @@ def dead_letters(batch: Batch, queue: str, limit: int) -> list[DeadLetter]:
 def replay(batch: Batch, queue: str, message_ids: Sequence[str] | None) -> int:
     require_queue(batch, queue)
     wanted = None if message_ids is None else set(message_ids)
-    found = batch.connection.execute(
+    found = batch.execute(
         "SELECT seq, message_id, headers FROM tidings_messages"
         " WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq",
         (error_queue_of(queue), batch.now),
     ).fetchall()
-    moves = [
-        (queue, json.dumps(strip_fault_headers(json.loads(headers))), batch.now, seq)
-        for seq, message_id, headers in found
-        if wanted is None or message_id in wanted
-    ]
-    # Same seq, same visible_at: replayed messages keep their order among themselves.
-    batch.connection.executemany(
-        "UPDATE tidings_messages SET queue = ?, headers = ?, visible_at = ?, claimed_by = NULL,"
-        " delivery_count = 0 WHERE seq = ?",
-        moves,
-    )
-    if moves:
+    moved = 0
+    for seq, message_id, headers in found:
+        if wanted is None or message_id in wanted:
+            # Same seq, same visible_at: replayed messages keep their order among themselves.
+            batch.defer(
+                "UPDATE tidings_messages SET queue = ?, headers = ?, visible_at = ?, claimed_by = NULL,"
+                " delivery_count = 0 WHERE seq = ?",
+                (queue, json.dumps(strip_fault_headers(json.loads(headers))), batch.now, seq),
+            )
+            moved += 1
+    if moved:
         batch.touched.add(queue)
-    return len(moves)
+    return moved
 
 
 def purge_dead_letters(batch: Batch, queue: str) -> int:
     error_queue = error_queue_of(queue)
     require_queue(batch, error_queue)
-    deleted = batch.connection.execute(
-        "DELETE FROM tidings_messages WHERE queue = ? AND visible_at <= ?",
-        (error_queue, batch.now),
+    deleted = batch.execute(
+        "DELETE FROM tidings_messages WHERE queue = ? AND visible_at <= ?", (error_queue, batch.now)
     )
     return deleted.rowcount

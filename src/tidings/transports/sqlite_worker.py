@@ -35,6 +35,9 @@ T = TypeVar("T")
 
 #: Requests run in one transaction at most. Bounds the latency a large batch adds to its callers.
 MAX_BATCH = 2000
+#: Waiting for another process's write lock: the first pause, doubling up to the last.
+_FIRST_PAUSE = 0.0001
+_LAST_PAUSE = 0.002
 
 
 # -- waking receivers in this process -------------------------------------------------------------
@@ -74,7 +77,8 @@ def _notify(path: str, queues: set[str]) -> None:
 @dataclass(slots=True)
 class _Request(Generic[T]):
     run: Callable[[schema.Batch], T]
-    future: asyncio.Future[T]
+    #: None: nobody waits for the outcome (see `Worker.submit_nowait`).
+    future: asyncio.Future[T] | None
     write: bool
 
 
@@ -83,18 +87,25 @@ class _Stop:
     future: asyncio.Future[None]
 
 
+def _is_busy(error: BaseException) -> bool:
+    return getattr(error, "sqlite_errorname", "").startswith("SQLITE_BUSY")
+
+
 def _translate(error: BaseException, where: str) -> BaseException:
     """A sqlite3 exception as the tidings error it means; anything else as it is."""
     if isinstance(error, TidingsError) or not isinstance(error, sqlite3.Error):
         return error
-    if getattr(error, "sqlite_errorname", "").startswith("SQLITE_BUSY"):
+    if _is_busy(error):
         return TransportError(f"{where}: the database stayed locked by another process ({error})")
     return TransportError(f"{where}: {error}")
 
 
-def _resolve(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+_Outcome = tuple["asyncio.Future[Any] | None", bool, Any]
+
+
+def _resolve(outcomes: list[_Outcome]) -> None:
     for future, ok, value in outcomes:
-        if future.cancelled():
+        if future is None or future.cancelled():
             continue
         if ok:
             future.set_result(value)
@@ -146,6 +157,13 @@ class Worker:
         self._inbox.put(_Request(run, future, write))
         return future
 
+    def submit_nowait(self, run: Callable[[schema.Batch], None]) -> None:
+        """Run `run(batch)` in the next transaction, without waiting for it: for acks, which AMQP
+        does not confirm either. A failure is logged; the message then comes back (at least once)."""
+        if self._loop is None or self._stopped:
+            raise TransportClosed(f"{self._url} is not open")
+        self._inbox.put(_Request(run, None, True))
+
     async def stop(self) -> None:
         """Finish what was submitted, close the connection, end the thread."""
         if self._loop is None or self._stopped:
@@ -174,8 +192,12 @@ class Worker:
             connection.execute(f"PRAGMA synchronous = {self._synchronous}")
             connection.execute("BEGIN IMMEDIATE")
             schema.create_schema(connection)
-            schema.delete_orphaned_queues(self._batch(connection))
+            batch = self._batch(connection)
+            schema.delete_orphaned_queues(batch)
+            batch.flush()
             connection.execute("COMMIT")
+            # From now on `_transaction` waits for locks itself, in finer steps.
+            connection.execute("PRAGMA busy_timeout = 0")
         except BaseException:
             connection.close()
             raise
@@ -228,34 +250,60 @@ class Worker:
         connection.close()
         self._post(_resolve, [(stop.future, True, None)])
 
+    def _transaction(
+        self, connection: sqlite3.Connection, run: Callable[[schema.Batch], T], *, write: bool
+    ) -> tuple[schema.Batch, T]:
+        """`run(batch)` in one transaction, committed. While another process holds the write
+        lock, wait and start over, up to `busy_timeout`.
+
+        We wait here rather than in SQLite's busy handler because that one sleeps 1, 2, 5, 10, ...
+        up to 100 ms between tries: two busy processes taking turns lost most of their time asleep.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        pause = _FIRST_PAUSE
+        while True:
+            batch = self._batch(connection)
+            try:
+                # IMMEDIATE takes the write lock up front: a transaction that reads and then
+                # writes could otherwise fail on its first write, after doing its reads.
+                connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                batch.now = time.time()
+                result = run(batch)
+                batch.flush()
+                connection.execute("COMMIT")
+                return batch, result
+            except sqlite3.Error as error:
+                if connection.in_transaction:
+                    connection.rollback()
+                if not _is_busy(error) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, _LAST_PAUSE)
+
     def _execute(self, connection: sqlite3.Connection, requests: list[_Request[Any]]) -> None:
         """Run `requests` in one transaction; resolve their futures after it committed."""
-        write = any(request.write for request in requests)
-        batch = self._batch(connection)
-        outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
-        try:
-            # IMMEDIATE takes the write lock up front (waiting up to busy_timeout): a deferred
-            # transaction that reads and then writes may fail with SQLITE_BUSY without waiting.
-            connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            batch.now = time.time()
+
+        def run_all(batch: schema.Batch) -> list[_Outcome]:
+            outcomes: list[_Outcome] = []
             for request in requests:
                 try:
                     outcomes.append((request.future, True, request.run(batch)))
                 except TidingsError as refusal:  # raised before the request wrote anything
                     outcomes.append((request.future, False, refusal))
-            connection.execute("COMMIT")
+            return outcomes
+
+        write = any(request.write for request in requests)
+        try:
+            batch, outcomes = self._transaction(connection, run_all, write=write)
         except Exception as error:
-            if connection.in_transaction:
-                connection.rollback()
-            busy = getattr(error, "sqlite_errorname", "").startswith("SQLITE_BUSY")
-            if len(requests) > 1 and not busy:
+            if len(requests) > 1 and not _is_busy(error):
                 # One bad request must not fail the others: run each in its own transaction.
                 for request in requests:
                     self._execute(connection, [request])
                 return
-            where = self._url
-            outcomes = [(r.future, False, _translate(error, where)) for r in requests]
-            self._post(_resolve, outcomes)
+            if any(request.future is None for request in requests):
+                log.warning("%s: could not settle a message (it will come back): %s", self._url, error)
+            self._post(_resolve, [(r.future, False, _translate(error, self._url)) for r in requests])
             return
         self._held.update(batch.claimed)
         self._owns_temporary = batch.owns_temporary
@@ -267,11 +315,7 @@ class Worker:
         if not self._held and not self._owns_temporary:
             return
         try:
-            connection.execute("BEGIN IMMEDIATE")
-            schema.renew(self._batch(connection))
-            connection.execute("COMMIT")
+            self._transaction(connection, schema.renew, write=True)
         except sqlite3.Error as error:
-            if connection.in_transaction:
-                connection.rollback()
             # Not fatal yet: the claims last a whole lease and this runs three times per lease.
             log.warning("%s: could not renew claims: %s", self._url, error)
