@@ -31,6 +31,14 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def _traceback(error: BaseException) -> str:
+    # Cut each long piece (an exception line with a huge message) first, so that it cannot push
+    # every frame out; then keep the end: the frame that raised is the one worth reading.
+    pieces = traceback.TracebackException.from_exception(error).format()
+    trace = "".join(p if len(p) <= MAX_MESSAGE else p[:MAX_MESSAGE] + "...\n" for p in pieces)
+    return trace[-MAX_TRACEBACK:]
+
+
 def first_failure_time(headers: Mapping[str, str]) -> str:
     """When this message first failed: carried over from an earlier round, else now."""
     return headers.get(FAULT_PREFIX + "first-time") or _now()
@@ -52,9 +60,7 @@ def fault_headers(
     if error is not None:
         out[FAULT_PREFIX + "type"] = f"{type(error).__module__}.{type(error).__qualname__}"
         out[FAULT_PREFIX + "message"] = str(error)[:MAX_MESSAGE]
-        trace = "".join(traceback.format_exception(error))
-        # Keep the end of the traceback: the frame that raised is the one worth reading.
-        out[FAULT_PREFIX + "traceback"] = trace[-MAX_TRACEBACK:]
+        out[FAULT_PREFIX + "traceback"] = _traceback(error)
     elif detail is not None:
         out[FAULT_PREFIX + "message"] = detail[:MAX_MESSAGE]
     out[FAULT_PREFIX + "attempts"] = str(attempts)
