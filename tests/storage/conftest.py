@@ -11,40 +11,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from tests.storage.databases import POSTGRES_URL, domain, engine_for, postgres_engine, sqlite_engine
 from tidings.storage import metadata
-
-POSTGRES_URL = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 
 DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
-def sqlite_engine(path: Path) -> AsyncEngine:
-    """An engine on a SQLite file in WAL mode, as docs/outbox-inbox.md recommends."""
-    engine = create_async_engine(f"sqlite+aiosqlite:///{path}", connect_args={"timeout": 30})
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _wal(connection: object, _record: object) -> None:
-        cursor = connection.cursor()  # type: ignore[attr-defined]
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    return engine
-
-
-def postgres_engine(schema: str, **options: object) -> AsyncEngine:
-    """An engine whose connections see only `schema` (so parallel test runs never meet)."""
-    return create_async_engine(
-        POSTGRES_URL, connect_args={"server_settings": {"search_path": schema}}, **options
-    )
-
-
 async def _postgres_schema() -> AsyncIterator[str]:
     schema = f"tidings_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(POSTGRES_URL)
+    admin = create_async_engine(POSTGRES_URL, pool_size=1)
     try:
         async with admin.begin() as connection:
             await connection.execute(text(f'CREATE SCHEMA "{schema}"'))
@@ -83,13 +61,8 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 async def _create(engine: AsyncEngine) -> None:
     async with engine.begin() as connection:
         await connection.run_sync(metadata.create_all)
+        await connection.run_sync(domain.create_all)
     await engine.dispose()
-
-
-def engine_for(url: str, **options: object) -> AsyncEngine:
-    """The engine a `database_url` names."""
-    kind, _, where = url.partition(":")
-    return sqlite_engine(Path(where)) if kind == "sqlite" else postgres_engine(where, **options)
 
 
 @pytest.fixture
