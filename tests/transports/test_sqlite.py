@@ -20,8 +20,7 @@ from tests.helpers import eventually
 from tidings.envelope import Envelope
 from tidings.errors import ConfigurationError, ConnectionFailed, NoRoute, TransportClosed
 from tidings.headers import ATTEMPT
-from tidings.transports import sqlite as sqlite_module
-from tidings.transports import transport_from_url
+from tidings.transports import sqlite_worker, transport_from_url
 from tidings.transports.base import Delivery
 from tidings.transports.sqlite import SQLiteSettings, SQLiteTransport
 
@@ -209,11 +208,33 @@ async def test_headers_and_body_arrive_as_sent(url: str) -> None:
     async with opened(url) as transport:
         await transport.declare_queue("q")
         sent = command('{"x": 1}').with_headers(x_user="Zoë 🚀")
+        binary = Envelope(
+            type="Blob", source="tests", body=bytes(range(256)), datacontenttype="application/octet-stream"
+        )
         await transport.send(sent, "q")
-        (delivery,) = await drain(transport, "q", 1)
+        await transport.send(binary, "q")
+        delivery, blob = await drain(transport, "q", 2)
     assert delivery.headers == sent.to_headers()
     assert delivery.body == b'{"x": 1}'
     assert delivery.delivery_count == 1
+    assert blob.body == bytes(range(256))
+
+
+async def test_an_acked_message_is_gone_for_good(url: str) -> None:
+    # ack() does not wait for its commit, but shares the next one: close() is a later request on
+    # the same thread, so the ack is committed by the time close() returns.
+    url += "?visibility_timeout=0.5"
+    async with opened(url) as transport:
+        await transport.declare_queue("q")
+        await transport.send(command("done"), "q")
+        await transport.send(command("not done"), "q")
+        done, _ = await take(transport, "q", 2)
+        await done.ack()
+    async with opened(url) as transport:
+        (again,) = await drain(transport, "q", 1)
+        assert again.body == b"not done"
+        # A lost ack would show here: the claim of the closed instance runs out and nothing renews it.
+        assert await nothing_within(transport, "q", 1.0)
 
 
 # -- competition and order -------------------------------------------------------------------------
@@ -366,8 +387,10 @@ async def test_dead_letters_are_listed_replayed_with_their_id_and_purged(url: st
 async def test_a_commit_wakes_a_local_receiver_without_polling(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # With the first poll an hour away, only the in-process wakeup can deliver the message in time.
-    monkeypatch.setattr(sqlite_module, "_MIN_POLL_INTERVAL", 3600.0)
+    # With the look at other processes' commits an hour away, only the in-process wakeup can
+    # deliver the message in time.
+    monkeypatch.setattr(sqlite_worker, "_MIN_POLL_INTERVAL", 3600.0)
+    url += "?max_poll_interval=3600"
     async with opened(url) as receiving, opened(url) as sending:
         await receiving.declare_queue("q")
         deliveries = receiving.receive("q", prefetch=1)

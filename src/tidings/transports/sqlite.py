@@ -20,9 +20,9 @@ back when the deadline passes, with `delivery_count` one higher. Publish order i
 
 Speed. All SQL of one transport instance runs on one thread of its own (`sqlite_worker`), which
 commits whatever requests are waiting in one transaction (group commit); a claim takes up to
-`prefetch` rows at once. A commit wakes receivers in the same process at once; receivers in other
-processes poll `PRAGMA data_version` (cheap, no lock), fast while messages flow, backing off to
-`max_poll_interval` when idle.
+`prefetch` rows at once. A commit wakes receivers in the same process at once; for other processes'
+commits, that thread polls `PRAGMA data_version` (cheap, no lock) every millisecond while messages
+flow, backing off to `max_poll_interval` when idle, and wakes only receivers with something to claim.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -49,14 +48,6 @@ from tidings.transports.sqlite_worker import Worker, listen, unlisten
 __all__ = ["SQLiteSettings", "SQLiteTransport"]
 
 T = TypeVar("T")
-
-#: The poll interval while messages flow. Once none came for `_BUSY_GRACE`, each empty poll doubles
-#: the interval up to `max_poll_interval`: a stream with hiccups keeps fast polls, an idle consumer
-#: costs next to nothing.
-_MIN_POLL_INTERVAL = 0.001
-_BUSY_GRACE = 0.2
-#: How long a receiver with no room (prefetch reached) sleeps before looking at `close()` again.
-_FULL_WAIT = 0.5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,19 +99,7 @@ def _timestamp(moment: datetime | None) -> float | None:
 class _Receiver:
     """The state of one `receive()` iterator."""
 
-    __slots__ = (
-        "claim_now",
-        "interval",
-        "last_rows_at",
-        "next_due",
-        "prefetch",
-        "prefetched",
-        "queue",
-        "room",
-        "seen_version",
-        "unsettled",
-        "wake",
-    )
+    __slots__ = ("claim_now", "prefetch", "prefetched", "queue", "room", "unsettled", "wake")
 
     def __init__(self, queue: str, prefetch: int) -> None:
         self.queue = queue
@@ -128,17 +107,15 @@ class _Receiver:
         #: Claimed, not yet yielded (goes back to the queue when the iterator closes).
         self.prefetched: deque[schema.Row] = deque()
         self.unsettled = 0
-        #: Set by a commit in this process that filled the queue, and by close().
+        #: Set when the queue (may) have a visible message: by a commit in this process that
+        #: filled it, by the worker seeing one (another process's commit, a message coming due),
+        #: and by close().
         self.wake = asyncio.Event()
         #: Set by a settle (room under the prefetch again), and by close().
         self.room = asyncio.Event()
-        # Polling: claim without asking first (the last claim was full); else the poll interval
-        # (doubling while idle), when the queue's next message comes due, the last data_version.
+        #: Claim without waiting for a wake: at the start, and after a claim that took all it could
+        #: (there may be more).
         self.claim_now = True
-        self.interval = _MIN_POLL_INTERVAL
-        self.last_rows_at = 0.0
-        self.next_due: float | None = None
-        self.seen_version: int | None = None
 
 
 class _SQLiteDelivery(Delivery):
@@ -243,12 +220,14 @@ class SQLiteTransport(Transport):
             lease=self.settings.visibility_timeout,
             busy_timeout=self.settings.busy_timeout,
             synchronous=self.settings.synchronous,
+            max_poll_interval=self.settings.max_poll_interval,
+            on_ready=self._wake_receivers,
         )
         await worker.start()
         self._worker = worker
-        self._listener = listen(self._path, asyncio.get_running_loop(), self._on_local_commit)
+        self._listener = listen(self._path, asyncio.get_running_loop(), self._wake_receivers)
 
-    def _on_local_commit(self, queues: set[str]) -> None:
+    def _wake_receivers(self, queues: set[str]) -> None:
         for receiver in self._receivers:
             if receiver.queue in queues:
                 receiver.wake.set()
@@ -317,6 +296,7 @@ class SQLiteTransport(Transport):
         await self._submit(partial(schema.require_queue, queue=queue), write=False)
         receiver = _Receiver(queue, prefetch)
         self._receivers.add(receiver)
+        self._watch()
         try:
             while True:
                 row = await self._next_row(receiver)
@@ -324,11 +304,16 @@ class SQLiteTransport(Transport):
                 yield _SQLiteDelivery(self, receiver, row)
         finally:
             self._receivers.discard(receiver)
+            self._watch()
             if receiver.prefetched and self._worker is not None:
                 rows = [(row.seq, row.delivery_count) for row in receiver.prefetched]
                 receiver.prefetched.clear()
                 # Submitted before awaiting: the rows go back even if this task is cancelled.
                 await self._submit(partial(schema.release, queue=queue, rows=rows, handed_out=False))
+
+    def _watch(self) -> None:
+        if self._worker is not None:
+            self._worker.watching = frozenset(receiver.queue for receiver in self._receivers)
 
     async def _next_row(self, receiver: _Receiver) -> schema.Row:
         """The next claimed row, once `receiver` has room under its prefetch."""
@@ -340,41 +325,19 @@ class SQLiteTransport(Transport):
             room = receiver.prefetch - receiver.unsettled
             if room <= 0:
                 receiver.room.clear()
-                await _wait(receiver.room, _FULL_WAIT)
+                await receiver.room.wait()
                 continue
-            if not receiver.claim_now and not await self._worth_a_claim(receiver):
-                continue
+            if not receiver.claim_now:
+                await receiver.wake.wait()
+            # Cleared before the claim, so that a wake during the claim is not lost.
             receiver.wake.clear()
-            claim = await self._claim(receiver.queue, room)
+            rows = await self._claim(receiver.queue, room)
             if self._worker is None:
                 continue  # close() already gave these rows back
-            receiver.prefetched.extend(claim.rows)
-            receiver.seen_version = claim.data_version
-            receiver.next_due = claim.next_due
-            # A full claim means there may be more: claim again as soon as there is room.
-            receiver.claim_now = len(claim.rows) == room
-            if claim.rows:
-                receiver.interval = _MIN_POLL_INTERVAL
-                receiver.last_rows_at = time.monotonic()
+            receiver.prefetched.extend(rows)
+            receiver.claim_now = len(rows) == room
 
-    async def _worth_a_claim(self, receiver: _Receiver) -> bool:
-        """Sleep until a local commit wakes `receiver`, the next held-back or claimed
-        message comes due, or another process committed (seen at the next poll)."""
-        timeout = receiver.interval
-        if receiver.next_due is not None:
-            timeout = min(timeout, max(0.0, receiver.next_due - time.time()))
-        if await _wait(receiver.wake, timeout):
-            return True
-        if receiver.next_due is not None and time.time() >= receiver.next_due:
-            return True
-        version = await self._submit(schema.data_version, write=False)
-        if version != receiver.seen_version:
-            return True
-        if time.monotonic() - receiver.last_rows_at > _BUSY_GRACE:
-            receiver.interval = min(receiver.interval * 2, self.settings.max_poll_interval)
-        return False
-
-    async def _claim(self, queue: str, room: int) -> schema.Claim:
+    async def _claim(self, queue: str, room: int) -> list[schema.Row]:
         future = self._submit(partial(schema.claim, queue=queue, limit=room))
         try:
             return await asyncio.shield(future)
@@ -384,10 +347,10 @@ class SQLiteTransport(Transport):
             future.add_done_callback(partial(self._give_back, queue))
             raise
 
-    def _give_back(self, queue: str, future: asyncio.Future[schema.Claim]) -> None:
+    def _give_back(self, queue: str, future: asyncio.Future[list[schema.Row]]) -> None:
         if future.cancelled() or future.exception() is not None or self._worker is None:
             return
-        rows = [(row.seq, row.delivery_count) for row in future.result().rows]
+        rows = [(row.seq, row.delivery_count) for row in future.result()]
         if rows:
             self._submit(partial(schema.release, queue=queue, rows=rows, handed_out=False))
 
@@ -399,15 +362,3 @@ class SQLiteTransport(Transport):
 
     async def purge_dead_letters(self, queue: str) -> int:
         return await self._submit(partial(schema.purge_dead_letters, queue=queue))
-
-
-async def _wait(event: asyncio.Event, seconds: float) -> bool:
-    """Whether `event` was set within `seconds`."""
-    if event.is_set():
-        return True
-    try:
-        async with asyncio.timeout(seconds):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True

@@ -16,6 +16,7 @@ One table holds every message of every queue; a message's place in its queue is 
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from tidings.errors import ConnectionFailed, NoRoute
 from tidings.headers import strip_fault_headers
 from tidings.transports.base import DeadLetter, error_queue_of
 
-__all__ = ["SCHEMA_VERSION", "Batch", "Claim", "Row", "create_schema"]
+__all__ = ["NEVER", "SCHEMA_VERSION", "Batch", "Row", "create_schema"]
 
 SCHEMA_VERSION = 1
 
@@ -76,24 +77,38 @@ class Row:
     delivery_count: int
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """What a claim got: rows (oldest first), when the queue's next message comes due, and the
-    database's `data_version` (it changes when another connection commits)."""
+NEVER = float("inf")
 
-    rows: list[Row]
-    next_due: float | None
-    data_version: int
+
+_INSERT = "INSERT INTO tidings_messages (queue, message_id, headers, body, visible_at) VALUES "
+#: The most rows one INSERT takes (5 parameters each, SQLite allows 32,766 since 3.32).
+_MOST_ROWS_PER_INSERT = 512
+
+
+@functools.cache
+def _insert(rows: int) -> str:
+    return _INSERT + ", ".join(["(?, ?, ?, ?, ?)"] * rows)
+
+
+# Acked rows go in one statement: a JSON array of [seq, delivery_count] pairs, each looked up by seq.
+_DELETE_SETTLED = (
+    "DELETE FROM tidings_messages WHERE seq IN (SELECT m.seq FROM json_each(?) AS j"
+    " JOIN tidings_messages AS m ON m.seq = json_extract(j.value, '$[0]')"
+    " AND m.delivery_count = json_extract(j.value, '$[1]') WHERE m.claimed_by = ?)"
+)
 
 
 @dataclass(slots=True)
 class Batch:
     """One transaction on the transport's thread, and what it did (applied after the commit).
 
-    Statements on messages may be deferred (`defer`): consecutive ones with the same SQL run as one
-    `executemany`, several times faster than one `execute` each. They run, in order, before the
-    next `execute` and before the commit. They never touch the topology (queues and bindings), so
-    topology lookups, cached for the transaction, need not wait for them.
+    Writes to messages are deferred and made together, in as few statements as possible, before
+    the next `execute` and before the commit: new messages in multi-row INSERTs, acks in one
+    DELETE, other statements with the same SQL in one `executemany`. Few statements matter more
+    than they seem: `sqlite3` lets go of the GIL around every step of every statement, and while
+    the event loop thread is busy, getting it back can take the whole switch interval (5 ms).
+    Deferred statements never touch the topology (queues and bindings), so topology lookups,
+    cached for the transaction, need not wait for them.
     """
 
     connection: sqlite3.Connection
@@ -109,7 +124,11 @@ class Batch:
     claimed: dict[int, int] = field(default_factory=dict)
     #: Queues that got a message: receivers in this process are woken once it committed.
     touched: set[str] = field(default_factory=set)
+    #: For queues a claim emptied: when their next message becomes visible (`NEVER`: none yet).
+    due: dict[str, float] = field(default_factory=dict)
     owns_temporary: bool = False
+    _inserts: list[tuple[str, str, str, bytes, float]] = field(default_factory=list)
+    _acks: list[tuple[int, int]] = field(default_factory=list)
     _deferred: list[tuple[str, list[tuple[Any, ...]]]] = field(default_factory=list)
     _bindings: dict[str, list[str]] = field(default_factory=dict)
     _queues: dict[str, bool] = field(default_factory=dict)
@@ -118,6 +137,12 @@ class Batch:
         self.flush()
         return self.connection.execute(sql, parameters)
 
+    def insert(self, queue: str, message_id: str, headers: str, body: bytes, visible_at: float) -> None:
+        self._inserts.append((queue, message_id, headers, body, visible_at))
+
+    def delete_settled(self, seq: int, delivery_count: int) -> None:
+        self._acks.append((seq, delivery_count))
+
     def defer(self, sql: str, parameters: tuple[Any, ...]) -> None:
         if self._deferred and self._deferred[-1][0] == sql:
             self._deferred[-1][1].append(parameters)
@@ -125,8 +150,21 @@ class Batch:
             self._deferred.append((sql, [parameters]))
 
     def flush(self) -> None:
-        for sql, rows in self._deferred:
-            self.connection.executemany(sql, rows)
+        # The deferred writes touch different rows, so their order among kinds does not matter;
+        # rows inserted together keep their order (and so their seq order).
+        inserts, start = self._inserts, 0
+        while start < len(inserts):
+            # Powers of two: a handful of distinct statements, all in sqlite3's statement cache.
+            rows = min(_MOST_ROWS_PER_INSERT, 1 << ((len(inserts) - start).bit_length() - 1))
+            values = [value for row in inserts[start : start + rows] for value in row]
+            self.connection.execute(_insert(rows), values)
+            start += rows
+        inserts.clear()
+        if self._acks:
+            self.connection.execute(_DELETE_SETTLED, (json.dumps(self._acks), self.instance))
+            self._acks.clear()
+        for sql, parameters in self._deferred:
+            self.connection.executemany(sql, parameters)
         self._deferred.clear()
 
     def queue_exists(self, queue: str) -> bool:
@@ -212,16 +250,13 @@ def unbind(batch: Batch, queue: str, event_type: str) -> None:
     batch.execute("DELETE FROM tidings_bindings WHERE event_type = ? AND queue = ?", (event_type, queue))
 
 
-_INSERT = "INSERT INTO tidings_messages (queue, message_id, headers, body, visible_at) VALUES (?, ?, ?, ?, ?)"
-
-
 def publish(
     batch: Batch, event_type: str, message_id: str, headers: str, body: bytes, not_before: float | None
 ) -> None:
     visible_at = batch.now if not_before is None else max(batch.now, not_before)
     # Bindings are deleted with their queue, so every bound queue exists.
     for queue in batch.bound_queues(event_type):
-        batch.defer(_INSERT, (queue, message_id, headers, body, visible_at))
+        batch.insert(queue, message_id, headers, body, visible_at)
         batch.touched.add(queue)
 
 
@@ -230,7 +265,7 @@ def send(
 ) -> None:
     require_queue(batch, queue)
     visible_at = batch.now if not_before is None else max(batch.now, not_before)
-    batch.defer(_INSERT, (queue, message_id, headers, body, visible_at))
+    batch.insert(queue, message_id, headers, body, visible_at)
     batch.touched.add(queue)
 
 
@@ -239,15 +274,28 @@ def data_version(batch: Batch) -> int:
     return version
 
 
-def claim(batch: Batch, queue: str, limit: int) -> Claim:
+def next_visible(batch: Batch, queue: str) -> float:
+    """When the first message of `queue` is (or was) visible: held-back and claimed ones included."""
+    (first,) = batch.execute(
+        "SELECT min(visible_at) FROM tidings_messages WHERE queue = ?", (queue,)
+    ).fetchone()
+    return NEVER if first is None else float(first)
+
+
+def claim(batch: Batch, queue: str, limit: int) -> list[Row]:
     """Claim up to `limit` visible messages of `queue`, oldest first."""
-    version = data_version(batch)
-    found = batch.execute(
-        "SELECT seq, headers, body, delivery_count FROM tidings_messages"
-        " WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq LIMIT ?",
+    # One row of JSON rather than `limit` rows: one step of the statement, one wait for the GIL.
+    (found,) = batch.execute(
+        "SELECT json_group_array(json_array(visible_at, seq, json(headers), hex(body), delivery_count))"
+        " FROM (SELECT visible_at, seq, headers, body, delivery_count FROM tidings_messages"
+        " WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq LIMIT ?)",
         (queue, batch.now, limit),
-    ).fetchall()
-    rows = [Row(seq, json.loads(headers), body, count + 1) for seq, headers, body, count in found]
+    ).fetchone()
+    # Sorted here: SQL does not promise that an aggregate sees rows in the subquery's order.
+    rows = [
+        Row(seq, headers, bytes.fromhex(body), count + 1)
+        for _, seq, headers, body, count in sorted(json.loads(found))
+    ]
     if rows:
         batch.execute(
             "UPDATE tidings_messages SET claimed_by = ?, visible_at = ?, delivery_count = delivery_count + 1"
@@ -255,12 +303,10 @@ def claim(batch: Batch, queue: str, limit: int) -> Claim:
             (batch.instance, batch.now + batch.lease, json.dumps([row.seq for row in rows])),
         )
         batch.claimed.update((row.seq, row.delivery_count) for row in rows)
-    next_due = None
     if len(rows) < limit:
         # Everything left is held back or claimed: the first of them is when to look again.
-        found = batch.execute("SELECT min(visible_at) FROM tidings_messages WHERE queue = ?", (queue,))
-        (next_due,) = found.fetchone()
-    return Claim(rows, next_due, version)
+        batch.due[queue] = next_visible(batch, queue)
+    return rows
 
 
 # Settling touches a row only while this instance still holds that claim: if the claim expired and
@@ -272,7 +318,7 @@ def ack(batch: Batch, seq: int, delivery_count: int) -> None:
     # The claim is given up even if the commit fails: the message then comes back after the
     # visibility timeout rather than being held (and renewed) by this live process forever.
     batch.held.pop(seq, None)
-    batch.defer(f"DELETE FROM tidings_messages WHERE {_MINE}", (seq, batch.instance, delivery_count))
+    batch.delete_settled(seq, delivery_count)
 
 
 def retry_later(batch: Batch, queue: str, seq: int, delivery_count: int, headers: str, delay: float) -> None:

@@ -8,6 +8,13 @@ then resolves each caller's future. Concurrent publishes, claims and acks share 
 The thread also renews, every lease/3, the claims its instance holds: a handler that runs longer
 than the visibility timeout keeps its message, and so does one that blocks the event loop, since
 the renewal does not need the loop. Only a dead (or frozen) process loses its claims.
+
+And it watches, for the queues its receivers wait on, what other processes commit: `PRAGMA
+data_version` (a read of shared memory, no lock) says whether anyone else committed since the last
+look; only then, or when a held-back or claimed message comes due, does it look at those queues,
+and it wakes the receivers only of queues with a visible message. It looks every millisecond while
+messages flow and backs off to `max_poll_interval` when they stop. The event loop is not woken
+for a look that finds nothing, so an idle consumer costs next to nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +45,11 @@ MAX_BATCH = 2000
 #: Waiting for another process's write lock: the first pause, doubling up to the last.
 _FIRST_PAUSE = 0.0001
 _LAST_PAUSE = 0.002
+#: How often to look at other processes' commits while messages flow. Once none came for
+#: `_BUSY_GRACE` seconds, each look that finds nothing doubles the interval, up to the maximum:
+#: a stream with hiccups keeps its fast looks, an idle consumer backs off.
+_MIN_POLL_INTERVAL = 0.001
+_BUSY_GRACE = 0.2
 
 
 # -- waking receivers in this process -------------------------------------------------------------
@@ -125,6 +137,8 @@ class Worker:
         lease: float,
         busy_timeout: float,
         synchronous: str,
+        max_poll_interval: float,
+        on_ready: Callable[[set[str]], None],
     ) -> None:
         self._path = path
         self._url = url
@@ -132,12 +146,22 @@ class Worker:
         self._lease = lease
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
+        self._max_poll_interval = max_poll_interval
+        self._on_ready = on_ready
+        #: The queues receivers wait on, set from the event loop: the thread only reads it (a
+        #: frozenset is replaced whole, never changed in place).
+        self.watching: frozenset[str] = frozenset()
         self._inbox: queue.SimpleQueue[_Request[Any] | _Stop] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         # The thread's own state: touched by the thread only.
         self._held: dict[int, int] = {}
         self._owns_temporary = False
+        self._seen_version: int | None = None
+        self._due: dict[str, float] = {}  # queue -> when a message becomes visible (wall clock)
+        self._poll_interval = _MIN_POLL_INTERVAL
+        self._next_poll = 0.0  # monotonic
+        self._last_activity = 0.0  # monotonic
 
     async def start(self) -> None:
         """Open the database (create the schema) on the new thread; `ConnectionFailed` if not."""
@@ -226,7 +250,7 @@ class Worker:
         stop: _Stop | None = None
         while stop is None:
             try:
-                first = self._inbox.get(timeout=max(0.0, next_renewal - time.monotonic()))
+                first = self._inbox.get(timeout=self._seconds_to_wait(next_renewal))
             except queue.Empty:
                 first = None
             requests: list[_Request[Any]] = []
@@ -247,8 +271,56 @@ class Worker:
             if time.monotonic() >= next_renewal:
                 self._renew(connection)
                 next_renewal = time.monotonic() + tick
+            if self.watching and self._seconds_to_wait(next_renewal) == 0.0:
+                self._look(connection)
         connection.close()
         self._post(_resolve, [(stop.future, True, None)])
+
+    def _seconds_to_wait(self, next_renewal: float) -> float:
+        """Until the next renewal, look at other processes' commits, or message coming due."""
+        now = time.monotonic()
+        wake_at = next_renewal
+        if self.watching:
+            wake_at = min(wake_at, self._next_poll)
+            first_due = min((self._due.get(queue, 0.0) for queue in self.watching), default=schema.NEVER)
+            if first_due != schema.NEVER:
+                wake_at = min(wake_at, now + first_due - time.time())
+        return max(0.0, wake_at - now)
+
+    def _look(self, connection: sqlite3.Connection) -> None:
+        """Wake the receivers of watched queues that (may) have a visible message now."""
+        watching = self.watching
+
+        def look(batch: schema.Batch) -> tuple[int, set[str]]:
+            version = schema.data_version(batch)
+            changed = version != self._seen_version
+            ready: set[str] = set()
+            for queue_name in watching:
+                if changed or self._due.get(queue_name, 0.0) <= batch.now:
+                    due = schema.next_visible(batch, queue_name)
+                    if due <= batch.now:
+                        ready.add(queue_name)
+                        # Woken once; the receiver's next claim says when to look again.
+                        due = schema.NEVER
+                    self._due[queue_name] = due
+            return version, ready
+
+        try:
+            _, (self._seen_version, ready) = self._transaction(connection, look, write=False)
+        except sqlite3.Error as error:
+            log.warning("%s: could not look for new messages: %s", self._url, error)
+            ready = set()
+        for queue_name in set(self._due) - watching:
+            del self._due[queue_name]
+        now = time.monotonic()
+        if ready:
+            self._post(self._on_ready, ready)
+            self._last_activity = now
+        if now - self._last_activity < _BUSY_GRACE:
+            self._poll_interval = _MIN_POLL_INTERVAL
+        else:
+            self._poll_interval = min(self._poll_interval * 2, self._max_poll_interval)
+        self._next_poll = now + self._poll_interval
 
     def _transaction(
         self, connection: sqlite3.Connection, run: Callable[[schema.Batch], T], *, write: bool
@@ -307,6 +379,9 @@ class Worker:
             return
         self._held.update(batch.claimed)
         self._owns_temporary = batch.owns_temporary
+        self._due.update(batch.due)
+        if batch.claimed:
+            self._last_activity = time.monotonic()
         self._post(_resolve, outcomes)
         if batch.touched:
             _notify(self._path, batch.touched)
