@@ -1,0 +1,172 @@
+"""Poison (the issue's point 4): a message on which the consumer dies every time reaches the error
+queue after at most the delivery limit, and the other messages keep flowing.
+
+On SQLite and RabbitMQ the consumer is a real OS process that `os._exit`s, restarted in a loop by
+the test: the message comes back through the visibility timeout (SQLite) or the broker's
+redelivery with `x-delivery-count` (RabbitMQ quorum queue). On memory, which lives in one process,
+the death is simulated: the handler's task ends without settling and the bus is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import unique
+from tests.helpers import eventually, running
+from tests.recoverability.app import Job
+from tests.recoverability.poison_worker import MAX_DELIVERIES, POISON, POISON_EXIT
+from tidings import Bus, Context, DeadLetters, RetryPolicy
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = 20
+
+
+class Workers:
+    """Starts worker processes and makes sure none outlives the test."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[str]] = []
+
+    def start(self, url: str, service: str, out: Path) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.recoverability.poison_worker", url, service, str(out)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.started.append(process)
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.strip() == "ready", f"worker did not start (exit code {process.poll()})"
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.started:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    started = Workers()
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+def lines(out: Path) -> list[str]:
+    return out.read_text().splitlines() if out.exists() else []
+
+
+def good_ones(out: Path) -> set[int]:
+    return {int(line.split()[1]) for line in lines(out) if line.startswith("good ")}
+
+
+@pytest.mark.slow
+async def test_a_message_that_kills_its_consumer_process_is_dead_lettered_at_the_limit(
+    durable_url: str, service: str, tmp_path: Path, workers: Workers
+) -> None:
+    out = tmp_path / "handled.txt"
+    async with Bus(service, durable_url) as producer:  # declares the service's queue
+        poison = producer.envelope_for(Job(n=0, note=POISON))
+        await producer.transport.send(poison, service)
+        for n in range(1, GOOD + 1):
+            await producer.send(Job(n=n), to=service)
+        dead_letters = DeadLetters(producer.transport, service)
+
+        async def poison_dead_lettered() -> bool:
+            return await dead_letters.get(poison.id) is not None
+
+        deaths = 0
+        worker = workers.start(durable_url, service, out)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 90  # a bound on waiting, so a broken transport fails, not hangs
+        while not (good_ones(out) == set(range(1, GOOD + 1)) and await poison_dead_lettered()):
+            assert loop.time() < deadline, f"not settled after {deaths} deaths: {lines(out)}"
+            if worker.poll() is not None:
+                assert worker.returncode == POISON_EXIT, "the worker failed for another reason"
+                assert worker.stdout is not None
+                worker.stdout.close()
+                deaths += 1
+                assert deaths <= MAX_DELIVERIES, "the poison message outlived the delivery limit"
+                worker = workers.start(durable_url, service, out)
+            await asyncio.sleep(0.05)
+
+        # The consumer that dead-lettered it is alive and still taking messages.
+        assert worker.poll() is None
+        await producer.send(Job(n=GOOD + 1), to=service)
+        await eventually(lambda: GOOD + 1 in good_ones(out), timeout=30)
+        failed = await dead_letters.get(poison.id)
+
+    calls_on_poison = sum(1 for line in lines(out) if line.startswith(POISON))
+    assert 1 <= deaths == calls_on_poison <= MAX_DELIVERIES
+    assert failed is not None
+    assert failed.fault.reason == "delivery-limit"
+    assert failed.fault.attempts == 0  # the delivery that dead-lettered it called no handler
+    assert failed.body == poison.body
+    assert good_ones(out) == set(range(1, GOOD + 2))
+
+
+class SimulatedDeath(BaseException):
+    """What `os._exit` is to a handler: no `except Exception` stops it, nothing gets settled."""
+
+
+async def test_a_message_that_kills_its_consumer_is_dead_lettered_at_the_limit_on_memory(
+    service: str,
+) -> None:
+    url = f"memory://{unique('rec')}"
+    deaths = 0
+    handled: set[int] = set()
+    poison_id = ""
+    for life in range(MAX_DELIVERIES + 1):
+        bus = Bus(
+            service, url, concurrency=1, prefetch=1, max_deliveries=MAX_DELIVERIES, retry=RetryPolicy.none()
+        )
+        died = asyncio.Event()
+
+        @bus.handle(Job)
+        async def handle(job: Job, ctx: Context, died: asyncio.Event = died) -> None:
+            nonlocal deaths
+            if job.note == POISON:
+                deaths += 1
+                died.set()
+                raise SimulatedDeath()
+            handled.add(job.n)
+
+        async with running(bus):
+            if life == 0:
+                poison = bus.envelope_for(Job(n=0, note=POISON))
+                poison_id = poison.id
+                await bus.transport.send(poison, service)
+                for n in range(1, GOOD + 1):
+                    await bus.send(Job(n=n))
+            # This life ends when the message killed it, or when it was dead-lettered.
+            stats = bus.stats
+            await eventually(lambda: died.is_set() or stats.dead_lettered == 1)  # noqa: B023
+            if stats.dead_lettered:
+                await eventually(lambda: len(handled) == GOOD)  # the others flow again
+                [failed] = await DeadLetters(bus.transport, service).list()
+                break
+        # Closing the bus gave the unsettled message back, as a dead process's connection would.
+    else:
+        pytest.fail(f"the poison message was still not dead-lettered after {deaths} deaths")
+
+    assert deaths == MAX_DELIVERIES
+    assert (failed.id, failed.fault.reason) == (poison_id, "delivery-limit")
+    assert handled == set(range(1, GOOD + 1))
