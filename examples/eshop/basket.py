@@ -51,7 +51,7 @@ notices = Table(
 )
 
 
-async def _lines(session: AsyncSession, buyer: str) -> list[m.Line]:
+async def lines_of(session: AsyncSession, buyer: str) -> list[m.Line]:
     rows = await session.execute(
         select(basket_lines).where(basket_lines.c.buyer == buyer).order_by(basket_lines.c.product_id)
     )
@@ -59,7 +59,7 @@ async def _lines(session: AsyncSession, buyer: str) -> list[m.Line]:
 
 
 async def _view(session: AsyncSession, buyer: str) -> m.BasketView:
-    lines = await _lines(session, buyer)
+    lines = await lines_of(session, buyer)
     texts: list[str] = list(
         await session.scalars(select(notices.c.text).where(notices.c.buyer == buyer).order_by(notices.c.id))
     )
@@ -94,7 +94,7 @@ def build(names: Names, transport: str, engine: AsyncEngine) -> Bus:
 
     @bus.handle(m.CheckoutBasket)
     async def checkout(command: m.CheckoutBasket, ctx: Context) -> m.CheckoutResult:
-        lines = await _lines(ctx.session, command.buyer)
+        lines = await lines_of(ctx.session, command.buyer)
         if not lines:
             return m.CheckoutResult(order_id=None, reason="the basket is empty")
         order_id = f"order-{uuid.uuid4().hex[:12]}"
@@ -125,9 +125,9 @@ def build(names: Names, transport: str, engine: AsyncEngine) -> Bus:
 
 
 async def main() -> None:
-    options = parse_options(__doc__ or "basket")
-    assert options.database is not None, "basket needs --db"
-    engine = await open_database(options.database)
+    options = parse_options(__doc__ or "basket", database="basket.db")
+    assert options.database is not None  # it has a --db option, with a default
+    engine = open_database(options.database)
     await create_schema(engine, metadata)
     bus = build(options.names, options.transport, engine)
     await bus.create_tables()

@@ -181,9 +181,9 @@ def build(names: Names, transport: str, engine: AsyncEngine) -> Bus:
 
 
 async def main() -> None:
-    options = parse_options(__doc__ or "catalog")
-    assert options.database is not None, "catalog needs --db"
-    engine = await open_database(options.database)
+    options = parse_options(__doc__ or "catalog", database="catalog.db")
+    assert options.database is not None  # it has a --db option, with a default
+    engine = open_database(options.database)
     await seed(engine)
     bus = build(options.names, options.transport, engine)
     await bus.create_tables()

@@ -199,7 +199,7 @@ async def _listening(port: int) -> AsyncIterator[socket.socket]:
 async def main() -> None:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (default: a free one)")
-    options = parse_options(__doc__ or "gateway", extra=own)
+    options = parse_options(__doc__ or "gateway", database=None, extra=own)
     bus = make_bus(options.names, options.transport)
     server = _Server(uvicorn.Config(make_app(bus), log_level="warning", lifespan="off"))
     loop = asyncio.get_running_loop()

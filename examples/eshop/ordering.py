@@ -130,9 +130,9 @@ def build(names: Names, transport: str, engine: AsyncEngine) -> Bus:
 
 
 async def main() -> None:
-    options = parse_options(__doc__ or "ordering")
-    assert options.database is not None, "ordering needs --db"
-    engine = await open_database(options.database)
+    options = parse_options(__doc__ or "ordering", database="ordering.db")
+    assert options.database is not None  # it has a --db option, with a default
+    engine = open_database(options.database)
     await create_schema(engine, metadata)
     bus = build(options.names, options.transport, engine)
     await bus.create_tables()

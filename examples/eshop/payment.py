@@ -88,9 +88,9 @@ async def main() -> None:
     own.add_argument(
         "--flaky-buyer", action="append", default=[], help="the first charge of this buyer fails (repeatable)"
     )
-    options = parse_options(__doc__ or "payment", extra=own)
-    assert options.database is not None, "payment needs --db"
-    engine = await open_database(options.database)
+    options = parse_options(__doc__ or "payment", database="payment.db", extra=own)
+    assert options.database is not None  # it has a --db option, with a default
+    engine = open_database(options.database)
     await create_schema(engine, metadata)
     bus = build(
         options.names,

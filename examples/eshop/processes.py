@@ -22,7 +22,7 @@ from examples.eshop.service import Names
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: The services in start order; stopped in reverse (the gateway, the only entry point, first).
+#: The services in start order.
 SERVICES = ("catalog", "basket", "ordering", "payment", "gateway")
 #: How long a service may take to start (imports, database, topology) and to stop.
 START_TIMEOUT = 30.0
@@ -115,25 +115,29 @@ class Deployment:
             )
 
     async def stop(self) -> None:
-        """SIGTERM every process that still runs, gateway first; kill what does not stop in time."""
-        for name in reversed(list(self.services)):
-            service = self.services[name]
-            if service.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    service.process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(service.process.wait(), STOP_TIMEOUT)
-                except TimeoutError:
-                    service.process.kill()
-                    await service.process.wait()
-            if service.reader is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(service.reader, STOP_TIMEOUT)
-            if not service.ready.done():
-                service.ready.cancel()
-            elif not service.ready.cancelled():
-                service.ready.exception()  # seen: asyncio would otherwise log it as never retrieved
-            self.exit_codes[name] = service.process.returncode
+        """SIGTERM the gateway first (no new calls come in), then the services all at once."""
+        first = [service for name, service in self.services.items() if name == "gateway"]
+        then = [service for name, service in self.services.items() if name != "gateway"]
+        for group in (first, then):
+            await asyncio.gather(*(self._stop(service) for service in group))
+
+    async def _stop(self, service: Service) -> None:
+        if service.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                service.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(service.process.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                service.process.kill()  # it had its chance to stop cleanly
+                await service.process.wait()
+        if service.reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(service.reader, STOP_TIMEOUT)
+        if not service.ready.done():
+            service.ready.cancel()
+        elif not service.ready.cancelled():
+            service.ready.exception()  # seen: asyncio would otherwise log it as never retrieved
+        self.exit_codes[service.name] = service.process.returncode
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Each service's last `bus.stats` (written by the service as it runs and when it stops)."""

@@ -98,18 +98,26 @@ class ServiceOptions:
 
 
 def parse_options(
-    description: str, argv: Sequence[str] | None = None, *, extra: argparse.ArgumentParser | None = None
+    description: str,
+    argv: Sequence[str] | None = None,
+    *,
+    database: str | None,
+    extra: argparse.ArgumentParser | None = None,
 ) -> ServiceOptions:
-    """Read the common options (and a service's own, from `extra`) from the command line."""
+    """Read the common options (and a service's own, from `extra`) from the command line.
+
+    `database` is the default file of the service's database; None for a service without one.
+    """
     parser = argparse.ArgumentParser(description=description, parents=[extra] if extra else [])
     parser.add_argument("--transport", default=os.environ.get("TIDINGS_TRANSPORT", "sqlite:///eshop-bus.db"))
-    parser.add_argument("--db", type=Path, default=None, help="this service's SQLite database file")
+    if database is not None:
+        parser.add_argument("--db", type=Path, default=Path(database), help="this service's SQLite file")
     parser.add_argument("--suffix", default="", help="appended to every service name (test isolation)")
     parser.add_argument("--stats", type=Path, default=None, help="keep bus.stats as JSON in this file")
     args = vars(parser.parse_args(argv))
     return ServiceOptions(
         transport=args.pop("transport"),
-        database=args.pop("db"),
+        database=args.pop("db", None),
         names=Names(args.pop("suffix")),
         stats=args.pop("stats"),
         extra=args,
@@ -121,7 +129,7 @@ def emit(kind: str, **fields: Any) -> None:
     print(json.dumps({"kind": kind, "t": time.time(), **fields}, default=str), flush=True)
 
 
-async def open_database(path: Path) -> AsyncEngine:
+def open_database(path: Path) -> AsyncEngine:
     """An engine for the service's own SQLite file, set up for several writers.
 
     WAL lets readers (the demo's final check) read while the service writes. Every transaction

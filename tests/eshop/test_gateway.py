@@ -25,8 +25,7 @@ from tests.helpers import running
 @pytest.fixture
 async def engines(tmp_path: Path) -> AsyncIterator[dict[str, AsyncEngine]]:
     engines = {
-        name: await open_database(tmp_path / f"{name}.db")
-        for name in ("catalog", "basket", "ordering", "payment")
+        name: open_database(tmp_path / f"{name}.db") for name in ("catalog", "basket", "ordering", "payment")
     }
     await catalog.seed(engines["catalog"])
     await create_schema(engines["basket"], basket.metadata)

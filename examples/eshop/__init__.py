@@ -1,0 +1,1 @@
+"""The eshop sample: catalog, basket, ordering, payment and an HTTP gateway (docs/eshop.md)."""
