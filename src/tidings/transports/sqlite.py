@@ -41,6 +41,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from tidings.envelope import Envelope
 from tidings.errors import ConfigurationError, TransportClosed
+from tidings.transports import sqlite_queries as queries
 from tidings.transports import sqlite_schema as schema
 from tidings.transports.base import DeadLetter, Delivery, Transport
 from tidings.transports.sqlite_worker import Worker, listen, unlisten
@@ -149,13 +150,13 @@ class _SQLiteDelivery(Delivery):
         # an ack lost to a crash means one more delivery, which at-least-once allows.
         if self._settling():
             self._transport._submit_nowait(
-                partial(schema.ack, seq=self._seq, delivery_count=self.delivery_count)
+                partial(queries.ack, seq=self._seq, delivery_count=self.delivery_count)
             )
 
     async def retry_later(self, delay: float, headers: Mapping[str, str]) -> None:
         await self._settle(
             partial(
-                schema.retry_later,
+                queries.retry_later,
                 queue=self._receiver.queue,
                 seq=self._seq,
                 delivery_count=self.delivery_count,
@@ -167,7 +168,7 @@ class _SQLiteDelivery(Delivery):
     async def dead_letter(self, headers: Mapping[str, str]) -> None:
         await self._settle(
             partial(
-                schema.dead_letter,
+                queries.dead_letter,
                 queue=self._receiver.queue,
                 seq=self._seq,
                 delivery_count=self.delivery_count,
@@ -177,7 +178,7 @@ class _SQLiteDelivery(Delivery):
 
     async def release(self) -> None:
         rows = [(self._seq, self.delivery_count)]
-        await self._settle(partial(schema.release, queue=self._receiver.queue, rows=rows, handed_out=True))
+        await self._settle(partial(queries.release, queue=self._receiver.queue, rows=rows, handed_out=True))
 
 
 class SQLiteTransport(Transport):
@@ -242,14 +243,14 @@ class SQLiteTransport(Transport):
             for receiver in self._receivers
             for row in receiver.prefetched
         ]
-        closing = worker.submit(partial(schema.close_instance, prefetched=prefetched))
+        closing = worker.submit(partial(queries.close_instance, prefetched=prefetched))
         self._worker = None
         if self._listener is not None:
             unlisten(self._path, self._listener)
             self._listener = None
         for receiver in self._receivers:
             receiver.prefetched.clear()
-            # So that each raises TransportClosed now, not at its next poll.
+            # A receiver waiting for a message or for room raises TransportClosed now.
             receiver.wake.set()
             receiver.room.set()
         try:
@@ -258,18 +259,18 @@ class SQLiteTransport(Transport):
             await worker.stop()
 
     async def declare_queue(self, queue: str, *, temporary: bool = False) -> None:
-        await self._submit(partial(schema.declare_queue, queue=queue, temporary=temporary))
+        await self._submit(partial(queries.declare_queue, queue=queue, temporary=temporary))
 
     async def bind(self, queue: str, event_type: str) -> None:
-        await self._submit(partial(schema.bind, queue=queue, event_type=event_type))
+        await self._submit(partial(queries.bind, queue=queue, event_type=event_type))
 
     async def unbind(self, queue: str, event_type: str) -> None:
-        await self._submit(partial(schema.unbind, queue=queue, event_type=event_type))
+        await self._submit(partial(queries.unbind, queue=queue, event_type=event_type))
 
     async def publish(self, envelope: Envelope, *, not_before: datetime | None = None) -> None:
         await self._submit(
             partial(
-                schema.publish,
+                queries.publish,
                 event_type=envelope.type,
                 message_id=envelope.id,
                 headers=json.dumps(envelope.to_headers()),
@@ -281,7 +282,7 @@ class SQLiteTransport(Transport):
     async def send(self, envelope: Envelope, queue: str, *, not_before: datetime | None = None) -> None:
         await self._submit(
             partial(
-                schema.send,
+                queries.send,
                 queue=queue,
                 message_id=envelope.id,
                 headers=json.dumps(envelope.to_headers()),
@@ -293,7 +294,7 @@ class SQLiteTransport(Transport):
     async def receive(self, queue: str, *, prefetch: int) -> AsyncIterator[Delivery]:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
-        await self._submit(partial(schema.require_queue, queue=queue), write=False)
+        await self._submit(partial(queries.require_queue, queue=queue), write=False)
         receiver = _Receiver(queue, prefetch)
         self._receivers.add(receiver)
         self._watch()
@@ -309,7 +310,7 @@ class SQLiteTransport(Transport):
                 rows = [(row.seq, row.delivery_count) for row in receiver.prefetched]
                 receiver.prefetched.clear()
                 # Submitted before awaiting: the rows go back even if this task is cancelled.
-                await self._submit(partial(schema.release, queue=queue, rows=rows, handed_out=False))
+                await self._submit(partial(queries.release, queue=queue, rows=rows, handed_out=False))
 
     def _watch(self) -> None:
         if self._worker is not None:
@@ -338,7 +339,7 @@ class SQLiteTransport(Transport):
             receiver.claim_now = len(rows) == room
 
     async def _claim(self, queue: str, room: int) -> list[schema.Row]:
-        future = self._submit(partial(schema.claim, queue=queue, limit=room))
+        future = self._submit(partial(queries.claim, queue=queue, limit=room))
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -352,13 +353,13 @@ class SQLiteTransport(Transport):
             return
         rows = [(row.seq, row.delivery_count) for row in future.result()]
         if rows:
-            self._submit(partial(schema.release, queue=queue, rows=rows, handed_out=False))
+            self._submit_nowait(partial(queries.release, queue=queue, rows=rows, handed_out=False))
 
     async def dead_letters(self, queue: str, *, limit: int = 100) -> Sequence[DeadLetter]:
-        return await self._submit(partial(schema.dead_letters, queue=queue, limit=limit))
+        return await self._submit(partial(queries.dead_letters, queue=queue, limit=limit))
 
     async def replay(self, queue: str, message_ids: Sequence[str] | None = None) -> int:
-        return await self._submit(partial(schema.replay, queue=queue, message_ids=message_ids))
+        return await self._submit(partial(queries.replay, queue=queue, message_ids=message_ids))
 
     async def purge_dead_letters(self, queue: str) -> int:
-        return await self._submit(partial(schema.purge_dead_letters, queue=queue))
+        return await self._submit(partial(queries.purge_dead_letters, queue=queue))

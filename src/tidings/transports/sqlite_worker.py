@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from tidings.errors import ConnectionFailed, TidingsError, TransportClosed, TransportError
+from tidings.transports import sqlite_queries as queries
 from tidings.transports import sqlite_schema as schema
 
 __all__ = ["Worker", "listen", "unlisten"]
@@ -217,7 +218,7 @@ class Worker:
             connection.execute("BEGIN IMMEDIATE")
             schema.create_schema(connection)
             batch = self._batch(connection)
-            schema.delete_orphaned_queues(batch)
+            queries.delete_orphaned_queues(batch)
             batch.flush()
             connection.execute("COMMIT")
             # From now on `_transaction` waits for locks itself, in finer steps.
@@ -245,20 +246,40 @@ class Worker:
             self._post(_resolve, [(started, False, failure)])
             return
         self._post(_resolve, [(started, True, None)])
+        outcomes: list[_Outcome] = []
+        try:
+            stop = self._serve(connection)
+            outcomes.append((stop.future, True, None))
+        except BaseException:
+            # A bug, not a database error (those are handled per batch): fail loudly, and fail
+            # every waiting caller rather than leave them waiting forever.
+            log.exception("%s: the SQLite transport's thread failed", self._url)
+            self._stopped = True
+        finally:
+            connection.close()
+        failure = TransportError(f"{self._url}: the SQLite transport's thread stopped")
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            stopping = isinstance(item, _Stop)
+            outcomes.append((item.future, True, None) if stopping else (item.future, False, failure))
+        self._post(_resolve, outcomes)
+
+    def _serve(self, connection: sqlite3.Connection) -> _Stop:
+        """Run requests in batches until asked to stop; renew claims; watch other processes."""
         tick = self._lease / 3
         next_renewal = time.monotonic() + tick
-        stop: _Stop | None = None
-        while stop is None:
+        while True:
             try:
-                first = self._inbox.get(timeout=self._seconds_to_wait(next_renewal))
+                item: _Request[Any] | _Stop | None = self._inbox.get(
+                    timeout=self._seconds_to_wait(next_renewal)
+                )
             except queue.Empty:
-                first = None
+                item = None
             requests: list[_Request[Any]] = []
-            item = first
-            while item is not None:
-                if isinstance(item, _Stop):
-                    stop = item
-                    break
+            while isinstance(item, _Request):
                 requests.append(item)
                 if len(requests) >= MAX_BATCH:
                     break
@@ -268,13 +289,13 @@ class Worker:
                     item = None
             if requests:
                 self._execute(connection, requests)
+            if isinstance(item, _Stop):
+                return item
             if time.monotonic() >= next_renewal:
                 self._renew(connection)
                 next_renewal = time.monotonic() + tick
             if self.watching and self._seconds_to_wait(next_renewal) == 0.0:
                 self._look(connection)
-        connection.close()
-        self._post(_resolve, [(stop.future, True, None)])
 
     def _seconds_to_wait(self, next_renewal: float) -> float:
         """Until the next renewal, look at other processes' commits, or message coming due."""
@@ -292,12 +313,12 @@ class Worker:
         watching = self.watching
 
         def look(batch: schema.Batch) -> tuple[int, set[str]]:
-            version = schema.data_version(batch)
+            version = queries.data_version(batch)
             changed = version != self._seen_version
             ready: set[str] = set()
             for queue_name in watching:
                 if changed or self._due.get(queue_name, 0.0) <= batch.now:
-                    due = schema.next_visible(batch, queue_name)
+                    due = queries.next_visible(batch, queue_name)
                     if due <= batch.now:
                         ready.add(queue_name)
                         # Woken once; the receiver's next claim says when to look again.
@@ -390,7 +411,7 @@ class Worker:
         if not self._held and not self._owns_temporary:
             return
         try:
-            self._transaction(connection, schema.renew, write=True)
+            self._transaction(connection, queries.renew, write=True)
         except sqlite3.Error as error:
             # Not fatal yet: the claims last a whole lease and this runs three times per lease.
             log.warning("%s: could not renew claims: %s", self._url, error)
