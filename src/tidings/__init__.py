@@ -25,6 +25,7 @@ from tidings.errors import (
 )
 from tidings.messages import Command, Event, Message, Reply
 from tidings.pipeline import Handler, Middleware, Next, Stats
+from tidings.requests import RequestOptions
 from tidings.retry import RetryPolicy
 from tidings.transports import DeadLetter, Delivery, Transport, transport_from_url
 
@@ -56,6 +57,8 @@ __all__ = [
     "Reject",
     "RemoteError",
     "Reply",
+    # Request/reply
+    "RequestOptions",
     "RequestTimeout",
     "Retry",
     # Recoverability

@@ -23,7 +23,7 @@ import os
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar, Unpack, overload
 
 from tidings.context import Context
 from tidings.envelope import DEFAULT_MAX_BODY_SIZE, Envelope, new_message_id
@@ -31,6 +31,7 @@ from tidings.errors import ConfigurationError, DuplicateHandler, InvalidMessageT
 from tidings.headers import REPLY_TO, REQUEST_ID
 from tidings.messages import Command, Event, Message, Reply, validate_wire_name, wire_name_of
 from tidings.pipeline import Handler, Middleware, Pipeline, Registration, Stats
+from tidings.requests import RequestOptions, Requests
 from tidings.retry import RetryPolicy
 from tidings.transports import Transport, transport_from_url
 
@@ -47,6 +48,7 @@ log = logging.getLogger("tidings.bus")
 DEFAULT_TRANSPORT = "sqlite:///tidings.db"
 
 H = TypeVar("H", bound=Handler)
+R = TypeVar("R", bound=Reply)
 
 
 def _done() -> asyncio.Future[None]:
@@ -111,6 +113,7 @@ class Bus:
         self._stopping: asyncio.Event | None = None
         self._pipeline: Pipeline | None = None
         self._background: set[asyncio.Future[None]] = set()
+        self._requests = Requests(self)
 
     # -- registration ------------------------------------------------------------------------
 
@@ -193,12 +196,14 @@ class Bus:
         for name, registration in self._registrations.items():
             if issubclass(registration.message_type, Event):
                 await self.transport.bind(self.queue, name)
+        await self._requests.open()  # replies are consumed while open, whether run() is or not
 
     async def close(self) -> None:
         """Stop consuming (in-flight handlers finish) and disconnect."""
         self.stop()
         if self._open:
             self._open = False
+            await self._requests.close()
             await self.transport.close()
 
     async def __aenter__(self) -> Self:
@@ -380,6 +385,35 @@ class Bus:
         else:
             await self.transport.send(envelope, queue, not_before=not_before)
 
+    # -- request/reply (tidings.requests) ----------------------------------------------------
+
+    @overload
+    async def request(self, command: Command, *, expect: type[R], **options: Unpack[RequestOptions]) -> R: ...
+    @overload
+    async def request(
+        self, command: Command, *, expect: None = None, **options: Unpack[RequestOptions]
+    ) -> Reply: ...
+    async def request(
+        self, command: Command, *, expect: type[Reply] | None = None, **options: Unpack[RequestOptions]
+    ) -> Reply:
+        """Send `command` to its owner and return the reply (an `expect` instance when given).
+
+        Options: `timeout` (seconds, default 30), `to`, `headers`, `correlation_id`, `causation_id`.
+        Raises `RequestTimeout` when no reply came in time, `RemoteError` when the handler failed
+        for good. The bus must be open (`async with bus`); it need not be running.
+        """
+        return await self._requests.request(command, expect=expect, **options)
+
+    @property
+    def reply_queue(self) -> str:
+        """This instance's temporary queue, where replies to its requests arrive."""
+        return self._requests.reply_queue
+
+    @property
+    def late_replies(self) -> int:
+        """Replies that came after their request's timeout (or twice) and were dropped."""
+        return self._requests.late_replies
+
     # -- replies -----------------------------------------------------------------------------
 
     async def reply_to(self, ctx: Context, reply: Any) -> None:
@@ -398,10 +432,15 @@ class Bus:
             correlation_id=ctx.correlation_id,
             causation_id=ctx.message_id,
         )
-        await self.dispatch(envelope, queue=reply_queue, session=ctx.session)
+        try:
+            await self.dispatch(envelope, queue=reply_queue, session=ctx.session)
+        except NoRoute:
+            # The requester's reply queue is gone with the instance that asked: nobody to answer.
+            log.warning("dropping a reply to %s: its reply queue %s is gone", ctx.message_id, reply_queue)
 
     async def on_dead_letter(self, envelope: Envelope, fault: Mapping[str, str]) -> None:
-        """Called after a message handled here was dead-lettered (request/reply hooks in here)."""
+        """Called after a message handled here was dead-lettered: a request gets a fault reply."""
+        await self._requests.on_dead_letter(envelope, fault)
 
 
 def _when(delay: timedelta | None, at: datetime | None) -> datetime | None:
