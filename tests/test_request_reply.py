@@ -240,3 +240,31 @@ async def test_a_request_needs_an_open_bus(name: Callable[[str], str]) -> None:
     basket = Bus(name("basket"), f"memory://{unique()}")
     with pytest.raises(TransportClosed, match="is not open"):
         await basket.request(GetQuote(product_id=1), to="pricing", timeout=1)
+
+
+class Twin(Reply, name="request-reply-test.twin"):
+    note: str
+
+
+async def test_without_expect_a_wire_name_two_reply_classes_share_is_ambiguous(
+    name: Callable[[str], str],
+) -> None:
+    class OtherTwin(Reply, name="request-reply-test.twin"):  # another service's class, same name
+        remark: str = ""
+
+    url = f"memory://{unique()}"
+    pricing = Bus(name("pricing"), url)
+    basket = Bus(name("basket"), url)
+
+    @pricing.handle(GetQuote)
+    async def quote(request: GetQuote, ctx: Context) -> Twin:
+        return Twin(note="which class am I?")
+
+    async with running(pricing), basket:
+        with pytest.raises(DecodeError) as raised:
+            await basket.request(GetQuote(product_id=1), to=pricing.service, timeout=30)
+        assert raised.value.reason == "ambiguous-reply"
+        answer = await basket.request(GetQuote(product_id=1), to=pricing.service, expect=Twin, timeout=30)
+
+    assert answer == Twin(note="which class am I?")
+    assert OtherTwin.wire_name == Twin.wire_name
