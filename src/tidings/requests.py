@@ -96,11 +96,6 @@ class Requests:
         self._pending: dict[str, asyncio.Future[_Received]] = {}
         self._consumer: asyncio.Task[None] | None = None
 
-    @property
-    def waiting(self) -> int:
-        """How many requests are waiting for their reply."""
-        return len(self._pending)
-
     # -- lifecycle (called by Bus.start / Bus.close) -------------------------------------------
 
     async def open(self) -> None:
