@@ -26,7 +26,7 @@ import contextlib
 import signal
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
@@ -184,18 +184,6 @@ class _Server(uvicorn.Server):
         yield
 
 
-@contextlib.asynccontextmanager
-async def _listening(port: int) -> AsyncIterator[socket.socket]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))  # port 0: the OS picks a free one, reported in `ready`
-    sock.listen(128)
-    try:
-        yield sock
-    finally:
-        sock.close()
-
-
 async def main() -> None:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (default: a free one)")
@@ -205,14 +193,15 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, lambda: setattr(server, "should_exit", True))
-    async with bus, _listening(options.extra["port"]) as sock:
-        port = sock.getsockname()[1]
-        # The socket listens already: a client that comes before uvicorn accepts waits in the backlog.
-        emit("ready", service=bus.service, port=port, url=f"http://127.0.0.1:{port}")
-        serving = asyncio.create_task(server.serve(sockets=[sock]))
-        await serving
-        if options.stats is not None:
-            write_stats(bus, options.stats)
+    # Port 0: the OS picks a free one, reported in `ready`. The socket listens from here on, so a
+    # client that comes before uvicorn accepts waits in the backlog.
+    with socket.create_server(("127.0.0.1", options.extra["port"])) as sock:
+        async with bus:
+            port = sock.getsockname()[1]
+            emit("ready", service=bus.service, port=port, url=f"http://127.0.0.1:{port}")
+            await server.serve(sockets=[sock])
+            if options.stats is not None:
+                write_stats(bus, options.stats)
     emit("stopped", service=bus.service)
 
 

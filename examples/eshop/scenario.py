@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -120,7 +120,7 @@ class Tap:
         await self.bus.close()
 
 
-async def _eventually(what: str, check: Any) -> float:
+async def _eventually(what: str, check: Callable[[], Awaitable[bool]]) -> float:
     """Poll the async `check()` until it is true; returns the seconds it took."""
     started = time.monotonic()
     while not await check():

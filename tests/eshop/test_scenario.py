@@ -23,7 +23,13 @@ SERVICES = ("catalog", "basket", "ordering", "payment")
 async def run(transport: str, workdir: Path, suffix: str = "") -> tuple[Result, dict[str, dict[str, object]]]:
     out = io.StringIO()
     result = await run_demo(transport, workdir, suffix=suffix, out=out)
-    assert result.problems == [], out.getvalue()
+    trace = out.getvalue()
+    assert result.problems == [], trace
+    # The trace shows the duplicate and the failed attempt where they happened, and the summary.
+    lines = trace.splitlines()
+    assert any("basket" in line and "ProductPriceChanged" in line and "DUPLICATE" in line for line in lines)
+    assert any("payment" in line and "FAILED attempt 1: ProviderTimeout" in line for line in lines)
+    assert any(line.split() == ["final", "state", "as", "expected"] for line in lines), trace
     # Read again now that every process has stopped: the state is on disk, not in flight.
     state = read_state({name: workdir / f"{name}.db" for name in SERVICES}, result.outcome.orders)
     return result, state
