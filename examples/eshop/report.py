@@ -144,7 +144,8 @@ class Trace:
                     f"  ({len(waits)} deliveries)",
                 )
             )
-        rows.append(("final state", "as expected" if not problems else f"{len(problems)} problem(s)"))
+        # The databases' final state, the counters above and the exit codes, all checked.
+        rows.append(("result", "everything as expected" if not problems else f"{len(problems)} problem(s)"))
         self.heading("Summary")
         for label, value in rows:
             print(f"  {label:26} {value}", file=self.out)

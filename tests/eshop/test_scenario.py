@@ -29,7 +29,7 @@ async def run(transport: str, workdir: Path, suffix: str = "") -> tuple[Result, 
     lines = trace.splitlines()
     assert any("basket" in line and "ProductPriceChanged" in line and "DUPLICATE" in line for line in lines)
     assert any("payment" in line and "FAILED attempt 1: ProviderTimeout" in line for line in lines)
-    assert any(line.split() == ["final", "state", "as", "expected"] for line in lines), trace
+    assert any(line.split() == ["result", "everything", "as", "expected"] for line in lines), trace
     # Read again now that every process has stopped: the state is on disk, not in flight.
     state = read_state({name: workdir / f"{name}.db" for name in SERVICES}, result.outcome.orders)
     return result, state
