@@ -2,11 +2,13 @@
 
 RabbitMQ tests skip when the broker does not answer (and fail when `CI` is set). While a transport
 module is still being written by others, its tests skip with that reason, except under CI.
+`TIDINGS_TEST_RABBITMQ=host:port` points them at another broker than 127.0.0.1:5672.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from tests.recoverability.raw import RawInjector, raw_injector
 from tidings import Bus, RetryPolicy
 
 TRANSPORTS = ["memory", "sqlite", "rabbitmq"]
+_host, _, _port = os.environ.get("TIDINGS_TEST_RABBITMQ", "").rpartition(":")
+RABBITMQ = (_host, int(_port)) if _host else RABBITMQ_HOST
+
 #: Transports a system of several OS processes can share (memory:// lives in one process).
 DURABLE_TRANSPORTS = ["sqlite", "rabbitmq"]
 
@@ -37,9 +42,9 @@ def make_url(kind: str, tmp_path: Path) -> str:
         _require_transport("sqlite")
         # A short visibility timeout: the poison tests wait for it once per crash.
         return f"sqlite:///{tmp_path / 'bus.db'}?visibility_timeout=1"
-    require_server("RabbitMQ", RABBITMQ_HOST)
+    require_server("RabbitMQ", RABBITMQ)
     _require_transport("rabbitmq")
-    return f"amqp://guest:guest@127.0.0.1:5672/?namespace={unique('ns')}"
+    return f"amqp://guest:guest@{RABBITMQ[0]}:{RABBITMQ[1]}/?namespace={unique('ns')}"
 
 
 @pytest.fixture(params=TRANSPORTS)

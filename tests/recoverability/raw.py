@@ -13,7 +13,7 @@ import json
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from tidings import Transport, transport_from_url
@@ -57,18 +57,36 @@ class _SQLite(RawInjector):
 
 
 class _RabbitMQ(RawInjector):
-    def __init__(self, channel: Any, queue_name: Any) -> None:
-        self.channel = channel
+    # pika, not aio-pika: aiormq gives every message it publishes a message_id (which the AMQP
+    # binding reads as the CloudEvents id), so it cannot send a message without one. pika sends
+    # exactly what it is given, like any foreign publisher.
+    def __init__(self, broker_url: str, queue_name: Callable[[str], str]) -> None:
+        import pika
+
+        self.connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()  # basic_publish returns once the broker has it
         self.queue_name = queue_name
+        self.lock = asyncio.Lock()
 
     async def put(self, queue: str, headers: Mapping[str, str], body: bytes) -> None:
+        async with self.lock:  # a pika connection is not thread-safe: one publish at a time
+            await asyncio.to_thread(self._publish, queue, headers, body)
+
+    def _publish(self, queue: str, headers: Mapping[str, str], body: bytes) -> None:
+        import pika
+
         from tidings.transports.rabbitmq_codec import encode_message
 
-        # The default exchange routes by queue name: straight into the service's queue. With
-        # publisher confirms on, the publish returns once the broker has the message.
-        await self.channel.default_exchange.publish(
-            encode_message(headers, body), routing_key=self.queue_name(queue)
+        # The binding's mapping (attributes as cloudEvents_* headers), none of its defaults.
+        message = encode_message(headers, body)
+        properties = pika.BasicProperties(
+            headers=dict(message.headers),
+            content_type=message.content_type,
+            message_id=message.message_id,
+            delivery_mode=2,
         )
+        self.channel.basic_publish("", self.queue_name(queue), body, properties, mandatory=True)
 
 
 @contextlib.asynccontextmanager
@@ -84,16 +102,12 @@ async def raw_injector(url: str) -> AsyncIterator[RawInjector]:
         finally:
             injector.connection.close()
     else:
-        import aio_pika
-
         from tidings.transports.rabbitmq_settings import RabbitMQSettings
         from tidings.transports.rabbitmq_topology import Topology
 
         settings = RabbitMQSettings.from_url(url)
-        topology = Topology(settings)
-        connection = await aio_pika.connect(settings.broker_url)
+        rabbitmq = await asyncio.to_thread(_RabbitMQ, settings.broker_url, Topology(settings).queue)
         try:
-            channel = await connection.channel(publisher_confirms=True)
-            yield _RabbitMQ(channel, topology.queue)
+            yield rabbitmq
         finally:
-            await connection.close()
+            await asyncio.to_thread(rabbitmq.connection.close)
