@@ -331,6 +331,9 @@ class Worker:
         except sqlite3.Error as error:
             log.warning("%s: could not look for new messages: %s", self._url, error)
             ready = set()
+            # Try again at the next poll, not in a tight loop.
+            retry_at = time.time() + self._max_poll_interval
+            self._due.update((queue_name, retry_at) for queue_name in watching)
         for queue_name in set(self._due) - watching:
             del self._due[queue_name]
         now = time.monotonic()
