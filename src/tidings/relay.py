@@ -30,12 +30,12 @@ import json
 import logging
 import signal
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import bindparam, delete, or_, select, update
+from sqlalchemy import bindparam, delete, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tidings.envelope import Envelope
@@ -164,6 +164,7 @@ class Relay:
         self.settings = outbox.settings
         self.engine = outbox.engine
         self.service = outbox.bus.service
+        self._postgresql = outbox.engine.dialect.name == "postgresql"
         #: Names this relay's leases, so it releases only its own.
         self.relay_id = uuid.uuid4().hex
         self.stats = RelayStats()
@@ -251,7 +252,7 @@ class Relay:
                 .with_for_update(skip_locked=True)
             )
             with translate_errors():
-                async with self.engine.begin() as connection:
+                async with self._bookkeeping() as connection:
                     result = await connection.execute(
                         delete(_table).where(_columns.id.in_(oldest.scalar_subquery()))
                     )
@@ -296,7 +297,7 @@ class Relay:
             )
         )
         with translate_errors():
-            async with self.engine.begin() as connection:
+            async with self._bookkeeping() as connection:
                 claimed = sorted(
                     (OutboxRow(**row._asdict()) for row in await connection.execute(claim)),
                     key=lambda r: r.id,
@@ -354,7 +355,7 @@ class Relay:
         done = set(result.sent) | {row.id for row, _ in result.refused}
         unshipped = [row.id for row in claimed if row.id not in done]
         with translate_errors():
-            async with self.engine.begin() as connection:
+            async with self._bookkeeping() as connection:
                 if result.sent:
                     await connection.execute(
                         update(_table)
@@ -387,6 +388,19 @@ class Relay:
                         .where(_columns.id.in_(unshipped), _columns.claimed_by == self.relay_id)
                         .values(claimed_by=None, claimed_until=None)
                     )
+
+    @contextlib.asynccontextmanager
+    async def _bookkeeping(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction for the relay's own claims, marks and deletions.
+
+        On PostgreSQL it commits without waiting for the WAL flush: losing one of these commits
+        in a server crash only ships a row again (the inbox drops the copy), never loses one, and
+        sparing the fsync doubles what the relay moves on a busy disk.
+        """
+        async with self.engine.begin() as connection:
+            if self._postgresql:
+                await connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
+            yield connection
 
     def _backoff(self, attempts: int) -> float:
         return float(
