@@ -109,23 +109,28 @@ def measure(kind: str, url: str, args: argparse.Namespace, concurrency: int) -> 
         return asyncio.run(ask(url, args.requests, concurrency, args.warmup))
     finally:
         process.terminate()
-        process.wait()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # stuck closing, e.g. reconnecting to a broker that is gone
+            process.kill()
+            process.wait()
 
 
-def rabbitmq_answers() -> bool:
+def rabbitmq_answers(address: str) -> bool:
+    host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+        with socket.create_connection((host, int(port)), timeout=1):
             return True
     except OSError:
         return False
 
 
-def url_for(kind: str, directory: Path, run: int) -> str:
+def url_for(kind: str, directory: Path, run: int, rabbitmq: str) -> str:
     if kind == "memory":
         return f"memory://bench-{run}"
     if kind == "sqlite":
         return f"sqlite:///{directory / f'bench-{run}.db'}"
-    return f"amqp://guest:guest@127.0.0.1:5672/?namespace=bench{uuid.uuid4().hex[:8]}"
+    return f"amqp://guest:guest@{rabbitmq}/?namespace=bench{uuid.uuid4().hex[:8]}"
 
 
 def main() -> None:
@@ -135,6 +140,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, action="append", help="requests in flight (1, 64)")
     parser.add_argument("--responder-concurrency", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--rabbitmq", default="127.0.0.1:5672", help="the broker's host:port")
     parser.add_argument("--role", default="main", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,7 +149,7 @@ def main() -> None:
         asyncio.run(serve(args.url, args.responder_concurrency))
         return
 
-    kinds = args.transport or ["sqlite", *(["rabbitmq"] if rabbitmq_answers() else [])]
+    kinds = args.transport or ["sqlite", *(["rabbitmq"] if rabbitmq_answers(args.rabbitmq) else [])]
     levels = args.concurrency or [1, 64]
     print(f"{args.requests:,} requests per run; responder concurrency {args.responder_concurrency}")
     with tempfile.TemporaryDirectory() as name:
@@ -151,7 +157,7 @@ def main() -> None:
         for kind in kinds:
             for concurrency in levels:
                 run += 1
-                result = measure(kind, url_for(kind, Path(name), run), args, concurrency)
+                result = measure(kind, url_for(kind, Path(name), run, args.rabbitmq), args, concurrency)
                 print(
                     f"  {kind:8} {concurrency:4} in flight: {result['rate']:8,.0f} round trips/s;"
                     f" latency p50 {result['p50_ms']:7.2f} ms, p99 {result['p99_ms']:7.2f} ms"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import pytest
 from tests.conftest import RABBITMQ_HOST, require_server, unique
 
 TRANSPORTS = ["memory", "sqlite", "rabbitmq"]
+# `TIDINGS_TEST_RABBITMQ=host:port` points the tests at another broker than 127.0.0.1:5672.
+_host, _, _port = os.environ.get("TIDINGS_TEST_RABBITMQ", "").rpartition(":")
+RABBITMQ = (_host, int(_port)) if _host else RABBITMQ_HOST
 
 
 def fresh_url(kind: str, tmp_path: Path) -> str:
@@ -24,5 +28,5 @@ def fresh_url(kind: str, tmp_path: Path) -> str:
         pytest.skip(f"tidings.transports.{kind} does not exist yet")
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'bus.db'}"
-    require_server("RabbitMQ", RABBITMQ_HOST)
-    return f"amqp://guest:guest@127.0.0.1:5672/?namespace={unique('ns')}"
+    require_server("RabbitMQ", RABBITMQ)
+    return f"amqp://guest:guest@{RABBITMQ[0]}:{RABBITMQ[1]}/?namespace={unique('ns')}"
