@@ -111,6 +111,8 @@ class Bus:
         self._routes: dict[str, str] = {}
         self._open = False
         self._stopping: asyncio.Event | None = None
+        # A stop asked for before run() got going must not be lost (run() checks this first).
+        self._stop_requested = False
         self._pipeline: Pipeline | None = None
         self._background: set[asyncio.Future[None]] = set()
         self._requests = Requests(self)
@@ -192,6 +194,7 @@ class Bus:
             return
         await self.transport.open()
         self._open = True
+        self._stop_requested = False
         await self.transport.declare_queue(self.queue)
         for name, registration in self._registrations.items():
             if issubclass(registration.message_type, Event):
@@ -224,6 +227,8 @@ class Bus:
 
         await self.start()
         self._stopping = asyncio.Event()
+        if self._stop_requested:
+            self._stopping.set()
         pipeline = self._get_pipeline()
         consuming = asyncio.create_task(
             consume(
@@ -247,6 +252,7 @@ class Bus:
                 task.cancel()
             await asyncio.gather(*storage, return_exceptions=True)
             self._stopping = None
+            self._stop_requested = False
 
     def _storage_jobs(self) -> list[Coroutine[Any, Any, None]]:
         if self.outbox is None or self.inbox is None:
@@ -263,6 +269,7 @@ class Bus:
 
     def stop(self) -> None:
         """Ask `run()` to stop taking messages; it returns once in-flight ones are settled."""
+        self._stop_requested = True
         if self._stopping is not None:
             self._stopping.set()
 

@@ -109,25 +109,25 @@ class Pipeline:
             return
         if delivery.delivery_count > self.max_deliveries:
             detail = f"delivered {delivery.delivery_count} times without being settled"
-            await self._dead_letter(delivery, queue, "delivery-limit", detail=detail)
+            await self._dead_letter(delivery, queue, "delivery-limit", detail=detail, envelope=envelope)
             return
         registration = self.registrations.get(envelope.type)
         if registration is None:
             detail = f"service {self.bus.service!r} has no handler for {envelope.type!r}"
-            await self._dead_letter(delivery, queue, "unknown-type", detail=detail)
+            await self._dead_letter(delivery, queue, "unknown-type", detail=detail, envelope=envelope)
             return
         try:
             message = registration.message_type.model_validate(
                 decode_body(envelope, max_size=self.max_body_size)
             )
         except DecodeError as error:
-            await self._dead_letter(delivery, queue, error.reason, detail=error.detail)
+            await self._dead_letter(delivery, queue, error.reason, detail=error.detail, envelope=envelope)
             return
         except Exception as error:
             # Validators may raise more than ValidationError (TypeError, RecursionError, ...). A
             # payload the model cannot be built from is bad input whatever the exception: retrying
             # cannot help, and letting it escape would leave the delivery unsettled.
-            await self._dead_letter(delivery, queue, "invalid-payload", error=error)
+            await self._dead_letter(delivery, queue, "invalid-payload", error=error, envelope=envelope)
             return
         await self._handle(delivery, queue, envelope, message, registration, round_number)
 

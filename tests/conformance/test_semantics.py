@@ -202,3 +202,19 @@ async def test_messages_sent_from_a_handler_carry_the_conversation_on(
     assert ctx.causation_id != ctx.message_id
     # The published event started the conversation, so its id is everyone's correlation id.
     assert ctx.correlation_id == ctx.causation_id
+
+
+async def test_a_stop_asked_for_before_run_gets_going_is_not_lost(
+    transport_url: str, name: Callable[[str], str]
+) -> None:
+    bus = Bus(name("basket"), transport_url)
+    async with bus:
+        task = asyncio.create_task(bus.run())
+        bus.stop()  # run() has not started yet: this stop must still end it
+        await asyncio.wait_for(task, timeout=10)
+        # A later run() is a new run: it consumes until its own stop.
+        again = asyncio.create_task(bus.run())
+        await asyncio.sleep(0.2)
+        assert not again.done()
+        bus.stop()
+        await asyncio.wait_for(again, timeout=10)
