@@ -108,6 +108,9 @@ class Cluster:
             select(func.count()).select_from(outbox_table).where(outbox_table.c.sent_at.is_(None))
         )
 
+    async def distinct_effects(self) -> int:
+        return await self.scalar(select(func.count(effects.c.seq.distinct())))
+
     async def effects_by_seq(self) -> Counter[int]:
         async with self.engine.connect() as connection:
             return Counter((await connection.execute(select(effects.c.seq))).scalars())
