@@ -192,6 +192,7 @@ class SQLiteTransport(Transport):
         self._worker: Worker | None = None
         self._listener: int | None = None
         self._receivers: set[_Receiver] = set()
+        self._waiting: set[_Receiver] = set()  # receivers waiting for a wake
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteTransport:
@@ -297,7 +298,6 @@ class SQLiteTransport(Transport):
         await self._submit(partial(queries.require_queue, queue=queue), write=False)
         receiver = _Receiver(queue, prefetch)
         self._receivers.add(receiver)
-        self._watch()
         try:
             while True:
                 row = await self._next_row(receiver)
@@ -305,6 +305,7 @@ class SQLiteTransport(Transport):
                 yield _SQLiteDelivery(self, receiver, row)
         finally:
             self._receivers.discard(receiver)
+            self._waiting.discard(receiver)
             self._watch()
             if receiver.prefetched and self._worker is not None:
                 rows = [(row.seq, row.delivery_count) for row in receiver.prefetched]
@@ -313,8 +314,10 @@ class SQLiteTransport(Transport):
                 await self._submit(partial(queries.release, queue=queue, rows=rows, handed_out=False))
 
     def _watch(self) -> None:
+        # Only receivers waiting for a wake need the worker to watch other processes' commits: a
+        # busy one claims again by itself, and looks on its behalf would only take the GIL.
         if self._worker is not None:
-            self._worker.watching = frozenset(receiver.queue for receiver in self._receivers)
+            self._worker.watching = frozenset(receiver.queue for receiver in self._waiting)
 
     async def _next_row(self, receiver: _Receiver) -> schema.Row:
         """The next claimed row, once `receiver` has room under its prefetch."""
@@ -329,7 +332,13 @@ class SQLiteTransport(Transport):
                 await receiver.room.wait()
                 continue
             if not receiver.claim_now:
-                await receiver.wake.wait()
+                self._waiting.add(receiver)
+                self._watch()
+                try:
+                    await receiver.wake.wait()
+                finally:
+                    self._waiting.discard(receiver)
+                    self._watch()
             # Cleared before the claim, so that a wake during the claim is not lost.
             receiver.wake.clear()
             rows = await self._claim(receiver.queue, room)

@@ -41,7 +41,8 @@ log = logging.getLogger("tidings.transports.sqlite")
 
 T = TypeVar("T")
 
-#: Requests run in one transaction at most. Bounds the latency a large batch adds to its callers.
+#: Requests run in one transaction, about at most (bundles are not split). Bounds the latency a
+#: large batch adds to its callers.
 MAX_BATCH = 2000
 #: Waiting for another process's write lock: the first pause, doubling up to the last.
 _FIRST_PAUSE = 0.0001
@@ -152,7 +153,10 @@ class Worker:
         #: The queues receivers wait on, set from the event loop: the thread only reads it (a
         #: frozenset is replaced whole, never changed in place).
         self.watching: frozenset[str] = frozenset()
-        self._inbox: queue.SimpleQueue[_Request[Any] | _Stop] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[list[_Request[Any]] | _Stop] = queue.SimpleQueue()
+        # Requests made during one turn of the event loop, handed to the thread together at the
+        # next turn (see `_enqueue`).
+        self._outbox: list[_Request[Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         # The thread's own state: touched by the thread only.
@@ -179,7 +183,7 @@ class Worker:
         if self._loop is None or self._stopped:
             raise TransportClosed(f"{self._url} is not open")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._inbox.put(_Request(run, future, write))
+        self._enqueue(_Request(run, future, write))
         return future
 
     def submit_nowait(self, run: Callable[[schema.Batch], None]) -> None:
@@ -187,12 +191,29 @@ class Worker:
         does not confirm either. A failure is logged; the message then comes back (at least once)."""
         if self._loop is None or self._stopped:
             raise TransportClosed(f"{self._url} is not open")
-        self._inbox.put(_Request(run, None, True))
+        self._enqueue(_Request(run, None, True))
+
+    def _enqueue(self, request: _Request[Any]) -> None:
+        # Waking the thread at the first request of a burst (250 publishes gathered, the acks of
+        # a claim's messages) would have it start a batch while the event loop thread is busy
+        # making the rest: the two would take turns with the GIL, and every sqlite3 call (each
+        # lets go of the GIL) could wait a whole switch interval to get it back. So requests wait
+        # for the end of this turn of the loop, and go over as one.
+        assert self._loop is not None
+        if not self._outbox:
+            self._loop.call_soon(self._hand_over)
+        self._outbox.append(request)
+
+    def _hand_over(self) -> None:
+        if self._outbox:
+            self._inbox.put(self._outbox)
+            self._outbox = []
 
     async def stop(self) -> None:
         """Finish what was submitted, close the connection, end the thread."""
         if self._loop is None or self._stopped:
             return
+        self._hand_over()
         self._stopped = True
         done: asyncio.Future[None] = self._loop.create_future()
         self._inbox.put(_Stop(done))
@@ -263,8 +284,10 @@ class Worker:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            stopping = isinstance(item, _Stop)
-            outcomes.append((item.future, True, None) if stopping else (item.future, False, failure))
+            if isinstance(item, _Stop):
+                outcomes.append((item.future, True, None))
+            else:
+                outcomes.extend((request.future, False, failure) for request in item)
         self._post(_resolve, outcomes)
 
     def _serve(self, connection: sqlite3.Connection) -> _Stop:
@@ -273,14 +296,14 @@ class Worker:
         next_renewal = time.monotonic() + tick
         while True:
             try:
-                item: _Request[Any] | _Stop | None = self._inbox.get(
+                item: list[_Request[Any]] | _Stop | None = self._inbox.get(
                     timeout=self._seconds_to_wait(next_renewal)
                 )
             except queue.Empty:
                 item = None
             requests: list[_Request[Any]] = []
-            while isinstance(item, _Request):
-                requests.append(item)
+            while isinstance(item, list):
+                requests.extend(item)
                 if len(requests) >= MAX_BATCH:
                     break
                 try:
@@ -406,7 +429,8 @@ class Worker:
         self._due.update(batch.due)
         if batch.claimed:
             self._last_activity = time.monotonic()
-        self._post(_resolve, outcomes)
+        if any(future is not None for future, _, _ in outcomes):
+            self._post(_resolve, outcomes)
         if batch.touched:
             _notify(self._path, batch.touched)
 
