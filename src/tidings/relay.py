@@ -169,6 +169,7 @@ class Relay:
         self.relay_id = uuid.uuid4().hex
         self.stats = RelayStats()
         self._more_waiting = False
+        self._idle = True
 
     async def run(self) -> None:
         """Ship rows until cancelled; outages are logged and waited out, never raised."""
@@ -276,8 +277,15 @@ class Relay:
             )
             .order_by(_columns.id)
             .limit(self.settings.batch_size)
-            .with_for_update(skip_locked=True)
         )
+        if self._idle:
+            # An idle relay looks before it writes: on SQLite every claim takes the one write
+            # lock, which the service's own transactions are waiting for.
+            with translate_errors():
+                async with self.engine.connect() as connection:
+                    if (await connection.execute(claimable.limit(1))).first() is None:
+                        return [], []
+        claimable = claimable.with_for_update(skip_locked=True)
         claim = (
             update(_table)
             .where(_columns.id.in_(claimable.scalar_subquery()))
@@ -303,6 +311,7 @@ class Relay:
                     key=lambda r: r.id,
                 )
                 elsewhere = await self._older_elsewhere(connection, claimed) if claimed else []
+        self._idle = not claimed
         return claimed, elsewhere
 
     async def _older_elsewhere(
