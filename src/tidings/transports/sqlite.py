@@ -317,7 +317,7 @@ class SQLiteTransport(Transport):
         # Only receivers waiting for a wake need the worker to watch other processes' commits: a
         # busy one claims again by itself, and looks on its behalf would only take the GIL.
         if self._worker is not None:
-            self._worker.watching = frozenset(receiver.queue for receiver in self._waiting)
+            self._worker.watch(frozenset(receiver.queue for receiver in self._waiting))
 
     async def _next_row(self, receiver: _Receiver) -> schema.Row:
         """The next claimed row, once `receiver` has room under its prefetch."""

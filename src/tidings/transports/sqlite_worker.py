@@ -150,8 +150,8 @@ class Worker:
         self._synchronous = synchronous
         self._max_poll_interval = max_poll_interval
         self._on_ready = on_ready
-        #: The queues receivers wait on, set from the event loop: the thread only reads it (a
-        #: frozenset is replaced whole, never changed in place).
+        #: The queues receivers wait on (see `watch`): the thread only reads it, and a frozenset
+        #: is replaced whole, never changed in place.
         self.watching: frozenset[str] = frozenset()
         self._inbox: queue.SimpleQueue[list[_Request[Any]] | _Stop] = queue.SimpleQueue()
         # Requests made during one turn of the event loop, handed to the thread together at the
@@ -192,6 +192,15 @@ class Worker:
         if self._loop is None or self._stopped:
             raise TransportClosed(f"{self._url} is not open")
         self._enqueue(_Request(run, None, True))
+
+    def watch(self, queues: frozenset[str]) -> None:
+        """Watch `queues` for other processes' commits and messages coming due (from the loop)."""
+        new = queues - self.watching
+        self.watching = queues
+        if new and not self._stopped:
+            # The thread may be asleep until its next renewal: an empty bundle has it work out
+            # when to look again, now that there are new queues to look at.
+            self._inbox.put([])
 
     def _enqueue(self, request: _Request[Any]) -> None:
         # Waking the thread at the first request of a burst (250 publishes gathered, the acks of
