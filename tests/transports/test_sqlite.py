@@ -9,10 +9,11 @@ import sqlite3
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -41,6 +42,11 @@ def url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'bus.db'}"
 
 
+def receiving(transport: SQLiteTransport, queue: str, *, prefetch: int) -> AsyncGenerator[Delivery, None]:
+    """`transport.receive`, typed as what it is, so that the tests can close it."""
+    return cast(AsyncGenerator[Delivery, None], transport.receive(queue, prefetch=prefetch))
+
+
 @asynccontextmanager
 async def opened(url: str) -> AsyncIterator[SQLiteTransport]:
     transport = SQLiteTransport.from_url(url)
@@ -51,7 +57,7 @@ async def opened(url: str) -> AsyncIterator[SQLiteTransport]:
 async def take(transport: SQLiteTransport, queue: str, count: int, prefetch: int = 10) -> list[Delivery]:
     """The next `count` deliveries of `queue`, unsettled; the iterator is closed afterwards."""
     got: list[Delivery] = []
-    deliveries = transport.receive(queue, prefetch=max(prefetch, count))
+    deliveries = receiving(transport, queue, prefetch=max(prefetch, count))
     try:
         async with asyncio.timeout(PATIENCE):
             async for delivery in deliveries:
@@ -73,7 +79,7 @@ async def drain(transport: SQLiteTransport, queue: str, count: int) -> list[Deli
 
 async def nothing_within(transport: SQLiteTransport, queue: str, seconds: float) -> bool:
     """Whether `queue` yields nothing for `seconds` (the delivery, if any, is released)."""
-    deliveries = transport.receive(queue, prefetch=1)
+    deliveries = receiving(transport, queue, prefetch=1)
     try:
         async with asyncio.timeout(seconds):
             delivery = await anext(deliveries)
@@ -156,7 +162,7 @@ async def test_use_before_open_and_after_close_raises_transport_closed(url: str)
     with pytest.raises(TransportClosed):
         await transport.send(command(), "q")
     with pytest.raises(TransportClosed):
-        await anext(transport.receive("q", prefetch=1))
+        await anext(receiving(transport, "q", prefetch=1))
 
 
 # -- routing ---------------------------------------------------------------------------------------
@@ -189,7 +195,7 @@ async def test_sending_binding_or_receiving_an_undeclared_queue_raises_no_route(
         with pytest.raises(NoRoute):
             await transport.bind("nowhere", "Happened")
         with pytest.raises(NoRoute):
-            await anext(transport.receive("nowhere", prefetch=1))
+            await anext(receiving(transport, "nowhere", prefetch=1))
         with pytest.raises(NoRoute):
             await transport.dead_letters("nowhere")
         # A refused request does not spoil the others committed with it.
@@ -247,7 +253,7 @@ async def test_competing_receivers_in_separate_instances_get_each_message_once(u
         seen: list[bytes] = []
 
         async def compete(transport: SQLiteTransport) -> None:
-            async for delivery in transport.receive("work", prefetch=4):
+            async for delivery in receiving(transport, "work", prefetch=4):
                 seen.append(delivery.body)
                 await delivery.ack()
                 await asyncio.sleep(0)  # let the other receiver in
@@ -272,7 +278,7 @@ async def test_with_prefetch_one_a_queue_is_handled_in_publish_order(url: str) -
         for i in range(50, 60):
             await transport.publish(event(str(i)))
         handled: list[bytes] = []
-        deliveries = transport.receive("orders", prefetch=1)
+        deliveries = receiving(transport, "orders", prefetch=1)
         async with asyncio.timeout(PATIENCE):
             async for delivery in deliveries:
                 handled.append(delivery.body)
@@ -288,7 +294,7 @@ async def test_at_most_prefetch_deliveries_are_unsettled_at_once(url: str) -> No
         await transport.declare_queue("q")
         for i in range(5):
             await transport.send(command(str(i)), "q")
-        deliveries = transport.receive("q", prefetch=2)
+        deliveries = receiving(transport, "q", prefetch=2)
         first, second = await anext(deliveries), await anext(deliveries)
         third = asyncio.ensure_future(anext(deliveries))
         await asyncio.sleep(0.3)
@@ -391,9 +397,9 @@ async def test_a_commit_wakes_a_local_receiver_without_polling(
     # deliver the message in time.
     monkeypatch.setattr(sqlite_worker, "_MIN_POLL_INTERVAL", 3600.0)
     url += "?max_poll_interval=3600"
-    async with opened(url) as receiving, opened(url) as sending:
-        await receiving.declare_queue("q")
-        deliveries = receiving.receive("q", prefetch=1)
+    async with opened(url) as receiving_side, opened(url) as sending:
+        await receiving_side.declare_queue("q")
+        deliveries = receiving(receiving_side, "q", prefetch=1)
         waiting = asyncio.ensure_future(anext(deliveries))
         await asyncio.sleep(0.2)  # the receiver found the queue empty and sleeps
         assert not waiting.done()
@@ -476,7 +482,7 @@ async def line_from(process: asyncio.subprocess.Process) -> str:
 async def test_a_receiver_in_another_process_sees_a_commit_by_polling(url: str, tmp_path: Path) -> None:
     async with opened(url) as transport:
         await transport.declare_queue("q")
-        deliveries = transport.receive("q", prefetch=1)
+        deliveries = receiving(transport, "q", prefetch=1)
         waiting = asyncio.ensure_future(anext(deliveries))
         async with child(tmp_path, _SENDER, url) as process:
             assert await process.wait() == 0
@@ -553,7 +559,7 @@ async def test_closing_a_receive_iterator_returns_what_it_prefetched(url: str) -
     async with opened(url) as transport, opened(url) as other:
         await transport.declare_queue("q")
         await asyncio.gather(*(transport.send(command(str(i)), "q") for i in range(10)))
-        deliveries = transport.receive("q", prefetch=10)
+        deliveries = receiving(transport, "q", prefetch=10)
         first = await anext(deliveries)  # the claim took all ten
         await deliveries.aclose()
         rest = await drain(other, "q", 9)
@@ -568,7 +574,7 @@ async def test_a_receiver_waiting_when_the_transport_closes_raises_transport_clo
     transport = SQLiteTransport.from_url(url)
     await transport.open()
     await transport.declare_queue("q")
-    waiting = asyncio.ensure_future(anext(transport.receive("q", prefetch=1)))
+    waiting = asyncio.ensure_future(anext(receiving(transport, "q", prefetch=1)))
     await asyncio.sleep(0.1)
     await transport.close()
     with pytest.raises(TransportClosed):

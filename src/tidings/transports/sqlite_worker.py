@@ -272,8 +272,7 @@ class Worker:
         try:
             connection = self._connect()
         except BaseException as error:
-            failure = ConnectionFailed(f"cannot open {self._url}: {error}")
-            self._post(_resolve, [(started, False, failure)])
+            self._post(_resolve, [(started, False, ConnectionFailed(f"cannot open {self._url}: {error}"))])
             return
         self._post(_resolve, [(started, True, None)])
         outcomes: list[_Outcome] = []
