@@ -13,13 +13,13 @@ from collections import defaultdict
 
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from tests.storage.messages import Deposited
 from tidings import Bus, Envelope
 from tidings.outbox import OutboxSettings
-from tidings.relay import OutboxRow, plan
+from tidings.outbox_order import OutboxRow, plan
 from tidings.storage import outbox_table
 
 rows = st.lists(
@@ -116,3 +116,29 @@ async def test_two_relays_side_by_side_keep_the_order_and_send_each_row_once(dat
     assert sum(stat.sent for stat in stats) == 30
     assert all(stat.sent > 0 for stat in stats)  # both shipped: they did work side by side
     assert sum(stat.held_back for stat in stats) > 0  # and rows waited for the other relay
+
+
+async def test_a_row_waits_while_an_older_row_of_its_subject_is_leased_by_a_dead_relay(
+    database: AsyncEngine,
+) -> None:
+    url = f"memory://{uuid.uuid4().hex}"
+    dead, alive = (Bus("producer", transport=url, database=database) for _ in range(2))
+    shipped: list[int] = []
+
+    async def record(envelope: Envelope, *, not_before: object = None) -> None:
+        shipped.append(json.loads(envelope.body)["seq"])
+
+    alive.transport.publish = record  # type: ignore[method-assign]
+    for seq in (1, 2):
+        async with AsyncSession(database) as session, session.begin():
+            await alive.publish(Deposited(account="x", seq=seq), session=session, subject="x")
+        if seq == 1:
+            await dead.outbox.relay._claim()  # type: ignore[union-attr]  # claims seq 1, then dies
+    relay = alive.outbox.relay  # type: ignore[union-attr]
+    async with alive:
+        assert await relay.relay_once() == 0
+        assert relay.stats.held_back == 1
+        async with database.begin() as connection:  # the dead relay's lease runs out
+            await connection.execute(update(outbox_table).values(claimed_until=None))
+        assert await relay.relay_once() == 2
+    assert shipped == [1, 2]
