@@ -222,6 +222,9 @@ class Pipeline:
                 return
 
     async def _call(self, ctx: Context, message: Message, registration: Registration) -> Any:
+        if not self.middleware:  # the common case: no wrapping closures per message
+            return await registration.handler(message, ctx)
+
         async def call_handler(ctx: Context, message: Message) -> Any:
             return await registration.handler(message, ctx)
 
