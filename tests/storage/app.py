@@ -84,12 +84,12 @@ async def produce(count: int, per_transaction: int, with_relay: bool) -> None:
             )
         while seq < count:
             async with sessions() as session, session.begin():
-                for _ in range(min(per_transaction, count - seq)):
-                    seq += 1
-                    await session.execute(insert(produced).values(seq=seq))
-                    await bank.send(
-                        Credit(account=f"a{seq % 7}", seq=seq), session=session, subject=f"a{seq % 7}"
-                    )
+                batch = range(seq + 1, min(count, seq + per_transaction) + 1)
+                await session.execute(insert(produced), [{"seq": number} for number in batch])
+                for number in batch:
+                    account = f"a{number % 7}"
+                    await bank.send(Credit(account=account, seq=number), session=session, subject=account)
+                seq = batch[-1]
         if relaying is not None:
             while await _unsent() > 0:  # noqa: ASYNC110 (another process's commits: nothing to wait on)
                 await asyncio.sleep(0.05)
