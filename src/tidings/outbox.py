@@ -18,7 +18,7 @@ import asyncio
 import json
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, insert
@@ -133,6 +133,11 @@ class Outbox:
     ) -> None:
         """Insert `envelope` for `queue` (None: publish) into the outbox within `session`'s transaction."""
         checked = check_session(session, self.engine)
+        if not_before is not None:
+            if not_before.tzinfo is None:
+                raise ConfigurationError("a message's time (at=) must be an aware datetime")
+            # SQLite keeps the wall time and drops the offset: store every time in UTC.
+            not_before = not_before.astimezone(UTC)
         state = _state_of(checked)
         if state.transaction_key is None:
             state.transaction_key = secrets.randbits(63)

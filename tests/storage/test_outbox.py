@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import func, select, text, update
@@ -257,3 +257,16 @@ async def test_schema_round_trip_keeps_create_tables_idempotent(database: AsyncE
     await bus.create_tables()
     async with database.connect() as connection:
         assert (await connection.execute(text("SELECT count(*) FROM tidings_inbox"))).scalar_one() == 0
+
+
+async def test_a_time_with_an_offset_is_stored_as_the_same_instant(database: AsyncEngine) -> None:
+    bus = Bus("producer", transport=memory_url(), database=database)
+    bus.route(Credit, to="accounts")
+    later = datetime(2031, 5, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
+    async with AsyncSession(database) as session, session.begin():
+        await bus.send(Credit(account="a", seq=1), session=session, at=later)
+        with pytest.raises(ConfigurationError, match="aware"):
+            await bus.publish(Deposited(account="a", seq=2), session=session, at=datetime(2031, 5, 1))
+    async with database.connect() as connection:
+        stored = (await connection.execute(select(outbox_table.c.not_before))).scalar_one()
+    assert as_utc(stored) == later
