@@ -143,6 +143,7 @@ CRASH_POINTS = {
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # about a minute here; the loop below fails on its own after 150 s
 async def test_e_ledger_of_10000_messages_with_kills_at_random_points(cluster: Cluster) -> None:
     count = 10_000
     seed = random.randrange(2**32)
