@@ -1,0 +1,317 @@
+"""The RabbitMQ transport (`amqp://`, `amqps://`), on aio-pika's robust connection.
+
+Every publish is persistent and waits for the broker's confirm; many publishes can be in flight
+on the one publishing channel at once, so concurrent callers are confirmed in a pipeline. Each
+`receive()` consumes on a channel of its own with manual acks. After a lost connection aio-pika
+reconnects, reopens the channels and resumes the consumers; a publish waits for that (up to
+`publish_timeout`), and a publish that was in flight when the connection went raises
+`PublishNotConfirmed`, to be published again by the caller. The topology is in
+`rabbitmq_topology` and docs/rabbitmq.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+
+import aio_pika
+from aio_pika import Message
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import (
+    AMQPError,
+    AuthenticationError,
+    ChannelInvalidStateError,
+    DeliveryError,
+    ProbableAuthenticationError,
+    PublishError,
+)
+
+from tidings.envelope import Envelope
+from tidings.errors import (
+    ConnectionFailed,
+    NoRoute,
+    PublishNotConfirmed,
+    TidingsError,
+    TransportClosed,
+    TransportError,
+)
+from tidings.transports.base import DeadLetter, Delivery, Transport
+from tidings.transports.rabbitmq_codec import DUE_HEADER, encode_message
+from tidings.transports.rabbitmq_consumer import Consumer
+from tidings.transports.rabbitmq_dead_letters import ErrorQueues
+from tidings.transports.rabbitmq_declarations import Declarations, wait_until_open
+from tidings.transports.rabbitmq_settings import RabbitMQSettings, redact_url
+from tidings.transports.rabbitmq_topology import (
+    MAX_DELAY_MS,
+    DelayKind,
+    Topology,
+)
+
+__all__ = ["RabbitMQTransport"]
+
+
+class RabbitMQTransport(Transport):
+    """A transport on a RabbitMQ broker. Make it with `from_url`, then open it."""
+
+    def __init__(self, settings: RabbitMQSettings, *, url: str | None = None) -> None:
+        self.settings = settings
+        self.topology = Topology(settings)
+        self.url = redact_url(url) if url is not None else settings.redacted_url
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: AbstractRobustChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._consumers: set[Consumer] = set()
+        self._declarations = Declarations(self)
+        self._error_queues = ErrorQueues(self)
+
+    @classmethod
+    def from_url(cls, url: str) -> RabbitMQTransport:
+        """A transport for `url`; `ConnectionFailed` at once if the URL is unusable."""
+        return cls(RabbitMQSettings.from_url(url), url=url)
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def connection(self) -> AbstractRobustConnection:
+        """The open connection; `TransportClosed` if there is none."""
+        if self._connection is None:
+            raise TransportClosed(f"{self.url} is not open")
+        return self._connection
+
+    @property
+    def is_open(self) -> bool:
+        return self._connection is not None
+
+    async def open(self) -> None:
+        if self._connection is not None:
+            return
+        timeout = self.settings.connect_timeout
+        connection = aio_pika.RobustConnection(
+            aio_pika.connection.make_url(self.settings.broker_url),
+            # fail_fast: a first connection that fails raises instead of retrying in the
+            # background; later losses are retried every reconnect_interval, never in a hot loop.
+            fail_fast=True,
+            reconnect_interval=self.settings.reconnect_interval,
+            client_properties={"connection_name": f"tidings {self.settings.namespace}"},
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                await connection.connect(timeout=timeout)
+                self._publisher = await connection.channel(on_return_raises=True)
+                await self._declarations.open(connection)
+        except BaseException as error:
+            await _close_quietly(connection)
+            raise self._connection_error(error, timeout) from None
+        self._connection = connection
+
+    def _connection_error(self, error: BaseException, timeout: float) -> BaseException:
+        if isinstance(error, TimeoutError):
+            return ConnectionFailed(f"no answer from RabbitMQ at {self.url} within {timeout:g} s")
+        if isinstance(error, AuthenticationError | ProbableAuthenticationError):
+            return ConnectionFailed(
+                f"RabbitMQ at {self.url} refused the credentials (check user, password, vhost): {error}"
+            )
+        if isinstance(error, TidingsError | asyncio.CancelledError):
+            return error
+        if isinstance(error, AMQPError | OSError | RuntimeError):
+            return ConnectionFailed(f"cannot connect to RabbitMQ at {self.url}: {error}")
+        return error
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        for consumer in list(self._consumers):
+            consumer.wake()
+        # Closing the connection gives every unsettled delivery back to its queue and deletes the
+        # exclusive (temporary) queues.
+        await _close_quietly(connection)
+        self._publisher = None
+        self._exchanges.clear()
+        self._declarations.close()
+
+    # -- topology (see rabbitmq_declarations) -------------------------------------------------
+
+    async def declare_queue(self, queue: str, *, temporary: bool = False) -> None:
+        await self._declarations.declare_queue(queue, temporary=temporary)
+
+    async def bind(self, queue: str, event_type: str) -> None:
+        await self._declarations.bind(queue, event_type)
+
+    async def unbind(self, queue: str, event_type: str) -> None:
+        await self._declarations.unbind(queue, event_type)
+
+    async def queue_exists(self, physical: str) -> bool:
+        """Whether RabbitMQ has the queue named `physical` (a RabbitMQ name, not the port's)."""
+        return await self._declarations.queue_exists(physical)
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def _exchange(self, name: str) -> AbstractExchange:
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            assert self._publisher is not None
+            exchange = self._exchanges[name] = aio_pika.Exchange(self._publisher, name, passive=True)
+        return exchange
+
+    async def _publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        message: Message,
+        *,
+        no_route: Callable[[], TidingsError] | None = None,
+    ) -> None:
+        """Publish with a confirm; `no_route`, if given, makes it mandatory and names the error."""
+        self.connection()
+        channel = self._publisher
+        assert channel is not None
+        timeout = self.settings.publish_timeout
+        task = asyncio.current_task()
+        try:
+            async with asyncio.timeout(timeout):
+                # While aio-pika reconnects, the channel is closed: wait for it to come back.
+                await wait_until_open(channel, self.connection)
+                await self._exchange(exchange).publish(message, routing_key, mandatory=no_route is not None)
+        except PublishError:
+            assert no_route is not None
+            raise no_route() from None
+        except TimeoutError:
+            raise PublishNotConfirmed(
+                f"{self.url}: no confirm for a message to {exchange!r} within {timeout:g} s"
+            ) from None
+        except DeliveryError as error:
+            raise PublishNotConfirmed(
+                f"{self.url}: RabbitMQ refused a message to {exchange!r}: {error}"
+            ) from None
+        except (AMQPError, ChannelInvalidStateError, ConnectionError) as error:
+            raise PublishNotConfirmed(
+                f"{self.url}: connection lost before the confirm of a message to {exchange!r}: {error!r}"
+            ) from None
+        except asyncio.CancelledError:
+            if task is not None and task.cancelling():
+                raise  # the caller was cancelled
+            # aiormq cancelled the confirm because the channel closed under it.
+            raise PublishNotConfirmed(
+                f"{self.url}: connection lost before the confirm of a message to {exchange!r}"
+            ) from None
+
+    async def _publish_delayed(self, message: Message, delay: float, kind: str, destination: str) -> None:
+        delay_ms = math.ceil(delay * 1000)  # never early
+        if delay_ms > MAX_DELAY_MS:
+            # Past the cascade's reach: it makes the longest round and the consumer sends it
+            # round again (see Consumer._postpone) until the due time has come.
+            due = math.ceil(time.time() * 1000) + delay_ms
+            message.headers = {**(message.headers or {}), DUE_HEADER: str(due)}
+            delay_ms = MAX_DELAY_MS
+        await self._declarations.declare_delay_levels()
+        exchange, routing_key = self.topology.delayed_route(delay_ms, kind, destination)
+        await self._publish(
+            exchange,
+            routing_key,
+            message,
+            no_route=lambda: TransportError(f"{self.url}: the delay queues are missing"),
+        )
+
+    async def publish(self, envelope: Envelope, *, not_before: datetime | None = None) -> None:
+        message = encode_message(envelope.to_headers(), envelope.body)
+        delay = _seconds_until(not_before)
+        if delay > 0:
+            self.connection()
+            await self._publish_delayed(message, delay, DelayKind.EVENT, envelope.type)
+        else:
+            await self._publish(self.topology.events_exchange, envelope.type, message)
+
+    async def send(self, envelope: Envelope, queue: str, *, not_before: datetime | None = None) -> None:
+        message = encode_message(envelope.to_headers(), envelope.body)
+        delay = _seconds_until(not_before)
+        if delay > 0:
+            if not await self.queue_exists(self.topology.queue(queue)):
+                raise NoRoute(f"no queue {queue!r} at {self.url}")
+            await self._publish_delayed(message, delay, DelayKind.QUEUE, queue)
+        else:
+            await self.send_now(message, queue)
+
+    async def send_now(self, message: Message, queue: str) -> None:
+        await self._publish(
+            self.topology.commands_exchange,
+            queue,
+            message,
+            no_route=lambda: NoRoute(f"no queue {queue!r} at {self.url}"),
+        )
+
+    async def requeue_copy(self, queue: str, headers: Mapping[str, str], body: bytes, delay: float) -> None:
+        """A delivery's `retry_later`: its copy goes back to `queue` after `delay` seconds."""
+        message = encode_message(headers, body)
+        if delay > 0:
+            await self._publish_delayed(message, delay, DelayKind.QUEUE, queue)
+        else:
+            await self.send_now(message, queue)
+
+    async def store_dead_letter(self, queue: str, headers: Mapping[str, str], body: bytes) -> None:
+        """A delivery's `dead_letter`: its copy goes into `queue`'s error queue."""
+        await self._publish(
+            self.topology.errors_exchange,
+            queue,
+            encode_message(headers, body),
+            no_route=lambda: NoRoute(f"no error queue for {queue!r} at {self.url}"),
+        )
+
+    async def postpone(self, queue: str, headers: Mapping[str, str], body: bytes, delay: float) -> None:
+        """Send a received message round the delay cascade again (see `_publish_delayed`)."""
+        # Built afresh from the flat map: a copy of the broker's x-death headers would make
+        # RabbitMQ take the second round for a dead-letter cycle and drop the message.
+        await self._publish_delayed(encode_message(headers, body), delay, DelayKind.QUEUE, queue)
+
+    # -- consuming ----------------------------------------------------------------------------
+
+    async def receive(self, queue: str, *, prefetch: int) -> AsyncIterator[Delivery]:
+        connection = self.connection()
+        physical = self.topology.queue(queue)
+        if not await self.queue_exists(physical):
+            raise NoRoute(f"no queue {queue!r} ({physical}) at {self.url}")
+        consumer = Consumer(self, queue, prefetch)
+        self._consumers.add(consumer)
+        try:
+            channel: AbstractRobustChannel = await connection.channel(publisher_confirms=False)
+            await consumer.start(channel, physical)
+        except (AMQPError, ChannelInvalidStateError) as error:
+            await consumer.stop()
+            raise TransportError(f"{self.url}: cannot consume from {physical}: {error}") from None
+        try:
+            while True:
+                yield await consumer.next()
+        finally:
+            await consumer.stop()
+
+    def forget(self, consumer: Consumer) -> None:
+        self._consumers.discard(consumer)
+
+    # -- dead letters -------------------------------------------------------------------------
+
+    async def dead_letters(self, queue: str, *, limit: int = 100) -> Sequence[DeadLetter]:
+        return await self._error_queues.list(queue, limit)
+
+    async def replay(self, queue: str, message_ids: Sequence[str] | None = None) -> int:
+        return await self._error_queues.replay(queue, message_ids)
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        return await self._error_queues.purge(queue)
+
+
+def _seconds_until(moment: datetime | None) -> float:
+    if moment is None:
+        return 0.0
+    return (moment - datetime.now(UTC)).total_seconds()
+
+
+async def _close_quietly(closable: aio_pika.Channel | AbstractRobustConnection) -> None:
+    with contextlib.suppress(AMQPError, ChannelInvalidStateError, OSError, RuntimeError):
+        await closable.close()

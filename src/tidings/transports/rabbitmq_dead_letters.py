@@ -1,0 +1,143 @@
+"""Reading, replaying and purging a queue's error queue on RabbitMQ.
+
+AMQP has no way to look at a message without taking it, so listing takes messages with
+`basic.get` on a channel of its own and then closes that channel: the broker puts back everything
+the channel held. A quorum queue takes them back asynchronously, so the call waits until they are
+ready again: a replay right after a listing finds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+
+from tidings.errors import NoRoute, TransportError
+from tidings.headers import FAULT_PREFIX, strip_fault_headers
+from tidings.transports.base import DeadLetter
+from tidings.transports.rabbitmq_codec import decode_headers, encode_message
+
+if TYPE_CHECKING:
+    from tidings.transports.rabbitmq import RabbitMQTransport
+
+__all__ = ["ErrorQueues"]
+
+_FAULT_REASON = f"{FAULT_PREFIX}reason"
+# Replayed messages are published in batches, so that their confirms overlap.
+_REPLAY_BATCH = 100
+# How long to wait for the broker to take back what a listing held (it takes milliseconds).
+_GIVE_BACK_WAIT = 5.0
+_ERRORS = (AMQPError, ChannelInvalidStateError)
+
+
+class ErrorQueues:
+    """The dead-letter operations of one `RabbitMQTransport`."""
+
+    def __init__(self, transport: RabbitMQTransport) -> None:
+        self._transport = transport
+
+    @contextlib.asynccontextmanager
+    async def _reading(self, queue: str) -> AsyncIterator[tuple[AbstractQueue, int]]:
+        """`queue`'s error queue on a channel of its own, and how many messages it had ready.
+
+        On the way out the channel closes, and the call waits until the messages that were
+        taken and not acked are back.
+        """
+        transport = self._transport
+        physical = transport.topology.error_queue(queue)
+        if not await transport.queue_exists(physical):
+            raise NoRoute(f"no queue {queue!r} at {transport.url}")
+        channel = aio_pika.Channel(transport.connection(), publisher_confirms=False)
+        try:
+            await channel.initialize()
+            amqp_queue = await channel.declare_queue(physical, passive=True)
+            ready = amqp_queue.declaration_result.message_count or 0
+            yield amqp_queue, ready
+        except _ERRORS as error:
+            raise TransportError(f"{transport.url}: error queue {physical}: {error}") from None
+        finally:
+            with contextlib.suppress(*_ERRORS, OSError, RuntimeError):
+                await channel.close()
+
+    async def _wait_until_back(self, physical: str, ready: int) -> None:
+        channel = aio_pika.Channel(self._transport.connection(), publisher_confirms=False)
+        try:
+            await channel.initialize()
+            async with asyncio.timeout(_GIVE_BACK_WAIT):
+                while True:
+                    amqp_queue = await channel.declare_queue(physical, passive=True)
+                    if (amqp_queue.declaration_result.message_count or 0) >= ready:
+                        return
+                    await asyncio.sleep(0.01)
+        except (TimeoutError, *_ERRORS):
+            pass  # someone else consumes from it, or it is gone: nothing to wait for
+        finally:
+            with contextlib.suppress(*_ERRORS, OSError, RuntimeError):
+                await channel.close()
+
+    async def list(self, queue: str, limit: int) -> Sequence[DeadLetter]:
+        letters: list[DeadLetter] = []
+        async with self._reading(queue) as (amqp_queue, ready):
+            while len(letters) < min(limit, ready):
+                message = await amqp_queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                headers = dead_letter_headers(message)
+                letters.append(DeadLetter(headers.get("id", ""), headers, message.body))
+        if letters:
+            await self._wait_until_back(amqp_queue.name, ready)
+        return letters
+
+    async def replay(self, queue: str, message_ids: Sequence[str] | None) -> int:
+        wanted = None if message_ids is None else set(message_ids)
+        moved = 0
+        kept = 0
+        async with self._reading(queue) as (amqp_queue, ready):
+            # Only what is there now: a replayed message that fails again stays for next time.
+            remaining = ready
+            while remaining > 0:
+                batch: list[AbstractIncomingMessage] = []
+                while remaining > 0 and len(batch) < _REPLAY_BATCH:
+                    remaining -= 1
+                    message = await amqp_queue.get(no_ack=False, fail=False)
+                    if message is None:
+                        remaining = 0
+                    elif wanted is None or dead_letter_headers(message).get("id") in wanted:
+                        batch.append(message)
+                    else:
+                        kept += 1  # stays unacked, so no later get returns it again
+                await asyncio.gather(*(self._replay_one(queue, message) for message in batch))
+                for message in batch:
+                    await message.ack()
+                moved += len(batch)
+        if kept:
+            await self._wait_until_back(amqp_queue.name, ready - moved)
+        return moved
+
+    async def _replay_one(self, queue: str, message: AbstractIncomingMessage) -> None:
+        headers = strip_fault_headers(dead_letter_headers(message))
+        await self._transport.send_now(encode_message(headers, message.body), queue)
+
+    async def purge(self, queue: str) -> int:
+        async with self._reading(queue) as (amqp_queue, _):
+            result = await amqp_queue.purge()
+        return int(result.message_count or 0)
+
+
+def dead_letter_headers(message: AbstractIncomingMessage) -> dict[str, str]:
+    """The flat header map of a dead letter, with a fault reason even if the broker moved it."""
+    headers = decode_headers(
+        message.headers, content_type=message.content_type, message_id=message.message_id
+    )
+    # A message the broker moved itself (over the delivery limit) carries no fault headers of
+    # ours; say why it is here: `delivery-limit`, `rejected`, `expired`, `maxlen`.
+    reason = (message.headers or {}).get("x-first-death-reason")
+    if reason is not None and _FAULT_REASON not in headers:
+        text = reason.decode() if isinstance(reason, bytes) else str(reason)
+        headers[_FAULT_REASON] = text.replace("_", "-")
+    return headers

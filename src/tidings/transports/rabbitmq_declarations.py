@@ -1,0 +1,218 @@
+"""Declaring the topology of `rabbitmq_topology` on the broker: exchanges, queues, bindings.
+
+Declarations go over one channel of their own, so that a refusal (a queue that exists with other
+arguments closes the channel) never hits a publish in flight. Looking up a queue that may not
+exist uses a throwaway channel, because a miss closes the channel it was asked on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import aio_pika
+from aio_pika import ExchangeType
+from aio_pika.abc import AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.exceptions import (
+    AMQPError,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+)
+
+from tidings.errors import NoRoute, TransportError
+from tidings.transports.base import error_queue_of
+from tidings.transports.rabbitmq_topology import DELAY_LEVELS, DelayKind, Topology
+
+if TYPE_CHECKING:
+    from tidings.transports.rabbitmq import RabbitMQTransport
+
+__all__ = ["Declarations", "wait_until_open"]
+
+_T = TypeVar("_T")
+_ERRORS = (AMQPError, ChannelInvalidStateError)
+
+
+async def wait_until_open(channel: AbstractRobustChannel, check: Callable[[], object]) -> None:
+    """Wait while aio-pika reopens `channel` (after a lost connection or a channel error).
+
+    `check` raises when waiting is pointless (the transport was closed meanwhile).
+    """
+    while channel.is_closed:
+        check()
+        await channel.ready()
+        if channel.is_closed:
+            # ready() can return before the reopened channel counts as open.
+            await asyncio.sleep(0.02)
+
+
+class Declarations:
+    """The topology operations of one `RabbitMQTransport`."""
+
+    def __init__(self, transport: RabbitMQTransport) -> None:
+        self._transport = transport
+        self._channel: AbstractRobustChannel | None = None
+        # Queues known to exist: declared or looked up by this instance.
+        self._known_queues: set[str] = set()
+        self._delay_levels_declared = False
+        self._delay_levels_lock = asyncio.Lock()
+
+    @property
+    def _topology(self) -> Topology:
+        return self._transport.topology
+
+    async def open(self, connection: AbstractRobustConnection) -> None:
+        """Open the declaring channel and declare the exchanges every namespace has."""
+        self._channel = channel = await connection.channel(publisher_confirms=False)
+        topology = self._topology
+        # Durable exchanges outlive the broker, so aio-pika need not declare them again after a
+        # reconnection (robust=False); the same goes for durable queues and their bindings.
+        for name, kind in (
+            (topology.events_exchange, ExchangeType.TOPIC),
+            (topology.commands_exchange, ExchangeType.DIRECT),
+            (topology.errors_exchange, ExchangeType.DIRECT),
+            (topology.delayed_exchange, ExchangeType.TOPIC),
+        ):
+            await self._declaring(channel.declare_exchange(name, kind, durable=True, robust=False))
+
+    def close(self) -> None:
+        """Forget everything learnt on the connection that closed."""
+        self._channel = None
+        self._known_queues.clear()
+        self._delay_levels_declared = False
+
+    async def _declaring_channel(self) -> AbstractRobustChannel:
+        self._transport.connection()  # TransportClosed when closed
+        assert self._channel is not None
+        try:
+            async with asyncio.timeout(self._transport.settings.publish_timeout):
+                await wait_until_open(self._channel, self._transport.connection)
+        except TimeoutError:
+            raise TransportError(f"{self._transport.url}: no channel to declare on") from None
+        return self._channel
+
+    async def _declaring(self, operation: Awaitable[_T]) -> _T:
+        """Await a declaration, translating the broker's refusals."""
+        url = self._transport.url
+        try:
+            return await operation
+        except ChannelPreconditionFailed as error:
+            raise TransportError(
+                f"{url}: RabbitMQ already has this with other settings (queue type, delivery "
+                f"limit, exchange type); delete it or use the settings it was made with: {error}"
+            ) from None
+        except _ERRORS as error:
+            raise TransportError(f"{url}: declaring topology failed: {error}") from None
+
+    async def declare_queue(self, queue: str, *, temporary: bool) -> None:
+        channel = await self._declaring_channel()
+        topology = self._topology
+        # A temporary queue is exclusive to this connection: the broker deletes it when the
+        # connection goes, so aio-pika must declare and bind it again after a reconnection
+        # (robust=True).
+        main = await self._declaring(
+            channel.declare_queue(
+                topology.queue(queue),
+                durable=not temporary,
+                exclusive=temporary,
+                arguments=topology.queue_arguments(queue, temporary=temporary),
+                robust=temporary,
+            )
+        )
+        errors = await self._declaring(
+            channel.declare_queue(
+                topology.error_queue(queue),
+                durable=not temporary,
+                exclusive=temporary,
+                arguments=topology.error_queue_arguments(temporary=temporary),
+                robust=temporary,
+            )
+        )
+        for amqp_queue, exchange, key in (
+            (main, topology.commands_exchange, queue),
+            (main, topology.delayed_exchange, topology.delayed_binding(DelayKind.QUEUE, queue)),
+            (errors, topology.errors_exchange, queue),
+            # The error queue is an address like any other, as in the memory transport.
+            (errors, topology.commands_exchange, error_queue_of(queue)),
+        ):
+            await self._declaring(amqp_queue.bind(exchange, key, robust=temporary))
+        self._known_queues.update((topology.queue(queue), topology.error_queue(queue)))
+
+    async def queue_exists(self, physical: str) -> bool:
+        """Whether RabbitMQ has the queue `physical`."""
+        if physical in self._known_queues:
+            return True
+        channel = aio_pika.Channel(self._transport.connection(), publisher_confirms=False)
+        try:
+            await channel.initialize()
+            await channel.declare_queue(physical, passive=True)
+        except ChannelNotFoundEntity:
+            return False
+        except _ERRORS as error:
+            raise TransportError(f"{self._transport.url}: cannot look up queue {physical}: {error}") from None
+        finally:
+            with contextlib.suppress(*_ERRORS, OSError, RuntimeError):
+                await channel.close()
+        self._known_queues.add(physical)
+        return True
+
+    async def _existing_queue(self, queue: str) -> AbstractQueue:
+        physical = self._topology.queue(queue)
+        if not await self.queue_exists(physical):
+            raise NoRoute(f"no queue {queue!r} ({physical}) at {self._transport.url}")
+        channel = await self._declaring_channel()
+        return await channel.get_queue(physical, ensure=False)
+
+    async def bind(self, queue: str, event_type: str) -> None:
+        amqp_queue = await self._existing_queue(queue)
+        topology = self._topology
+        delayed = topology.delayed_binding(DelayKind.EVENT, event_type)
+        await self._declaring(amqp_queue.bind(topology.events_exchange, event_type))
+        await self._declaring(amqp_queue.bind(topology.delayed_exchange, delayed))
+
+    async def unbind(self, queue: str, event_type: str) -> None:
+        try:
+            amqp_queue = await self._existing_queue(queue)
+        except NoRoute:
+            return  # no queue, no binding: done
+        topology = self._topology
+        delayed = topology.delayed_binding(DelayKind.EVENT, event_type)
+        await self._declaring(amqp_queue.unbind(topology.events_exchange, event_type))
+        await self._declaring(amqp_queue.unbind(topology.delayed_exchange, delayed))
+
+    async def declare_delay_levels(self) -> None:
+        """Declare the delay cascade, once per connection and only when first needed."""
+        if self._delay_levels_declared:
+            return
+        async with self._delay_levels_lock:
+            if self._delay_levels_declared:
+                return
+            channel = await self._declaring_channel()
+            topology = self._topology
+            for level in range(DELAY_LEVELS):
+                name = topology.delay_level(level)
+                await self._declaring(
+                    channel.declare_exchange(name, ExchangeType.TOPIC, durable=True, robust=False)
+                )
+                amqp_queue = await self._declaring(
+                    channel.declare_queue(
+                        name,
+                        durable=True,
+                        arguments=topology.delay_queue_arguments(level),
+                        robust=False,
+                    )
+                )
+                into_queue, onward = topology.delay_level_bindings(level)
+                await self._declaring(amqp_queue.bind(name, into_queue, robust=False))
+                # An exchange-to-exchange binding: aio-pika would want exchange objects for it.
+                underlay = await channel.get_underlay_channel()
+                await self._declaring(
+                    underlay.exchange_bind(
+                        destination=topology.delay_level_target(level),
+                        source=name,
+                        routing_key=onward,
+                    )
+                )
+            self._delay_levels_declared = True

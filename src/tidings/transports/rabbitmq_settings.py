@@ -1,0 +1,133 @@
+"""The RabbitMQ transport's settings, read from its URL.
+
+    amqp://user:password@host:5672/vhost?namespace=shop&queue_type=quorum&delivery_limit=20
+
+The query options tidings reads are the fields of `RabbitMQSettings`; `heartbeat`, `frame_max`,
+`channel_max` and the TLS options of `amqps://` (`cafile`, `capath`, `keyfile`, `certfile`,
+`no_verify_ssl`) go to the AMQP client as they are. Anything else is refused, so a misspelt
+option fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from tidings.errors import ConnectionFailed
+
+__all__ = ["QueueType", "RabbitMQSettings", "redact_url"]
+
+# Becomes part of every exchange and queue name, so it stays within AMQP's safe characters.
+_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$")
+_CLIENT_OPTIONS = frozenset(
+    {"heartbeat", "frame_max", "channel_max", "cafile", "capath", "keyfile", "certfile",
+     "no_verify_ssl"}
+)  # fmt: skip
+_CREDENTIALS = re.compile(r"(//[^:/@]*:)[^@/]*@")
+
+
+class QueueType(StrEnum):
+    """What kind of RabbitMQ queue a service's queue is."""
+
+    #: Replicated, durable, with a broker-enforced delivery limit. The default.
+    QUORUM = "quorum"
+    #: A single-node classic queue: for brokers or tests that cannot afford quorum queues.
+    CLASSIC = "classic"
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by `***`, safe for messages and logs."""
+    return _CREDENTIALS.sub(r"\1***@", url)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RabbitMQSettings:
+    """Where the broker is and how tidings lays out its topology there."""
+
+    #: The broker URL handed to the AMQP client: tidings' own options removed.
+    broker_url: str
+    #: Prefix of every exchange and queue name, so several systems can share a vhost.
+    namespace: str = "tidings"
+    queue_type: QueueType = QueueType.QUORUM
+    #: Deliveries a quorum queue allows a message before the broker moves it to the error queue.
+    delivery_limit: int = 20
+    #: Seconds to wait for the first connection before `ConnectionFailed`.
+    connect_timeout: float = 10.0
+    #: Seconds a publish may wait for the connection and the broker's confirm together.
+    publish_timeout: float = 30.0
+    #: Seconds between two reconnection attempts after the connection was lost.
+    reconnect_interval: float = 1.0
+
+    @property
+    def redacted_url(self) -> str:
+        return redact_url(self.broker_url)
+
+    @classmethod
+    def from_url(cls, url: str) -> RabbitMQSettings:
+        """Read the settings from an `amqp://` or `amqps://` URL; `ConnectionFailed` if unusable."""
+        shown = redact_url(url)
+
+        def invalid(detail: str) -> ConnectionFailed:
+            return ConnectionFailed(f"invalid RabbitMQ URL {shown!r}: {detail}")
+
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # reading it validates it
+        except ValueError as error:
+            raise invalid(str(error)) from None
+        if parts.scheme.lower() not in ("amqp", "amqps"):
+            raise invalid("the scheme must be amqp:// or amqps://")
+        if not parts.hostname:
+            raise invalid("no host")
+        if port == 0:
+            raise invalid("port 0")
+        options: dict[str, str] = {}
+        client_options: list[tuple[str, str]] = []
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key in _CLIENT_OPTIONS:
+                client_options.append((key, value))
+            elif key in _OPTION_PARSERS:
+                options[key] = value
+            else:
+                known = sorted({*_OPTION_PARSERS, *_CLIENT_OPTIONS})
+                raise invalid(f"unknown option {key!r}; known options: {', '.join(known)}")
+        parsed: dict[str, object] = {}
+        for key, value in options.items():
+            try:
+                parsed[key] = _OPTION_PARSERS[key](value)
+            except ValueError as error:
+                raise invalid(f"option {key}={value!r}: {error}") from None
+        broker_url = urlunsplit(parts._replace(query=urlencode(client_options), fragment=""))
+        return cls(broker_url=broker_url, **parsed)  # type: ignore[arg-type]
+
+
+def _namespace(value: str) -> str:
+    if not _NAMESPACE.match(value):
+        raise ValueError("use 1-64 letters, digits and '_.:-', starting with a letter or digit")
+    return value
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _positive_seconds(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return number
+
+
+_OPTION_PARSERS = {
+    "namespace": _namespace,
+    "queue_type": QueueType,
+    "delivery_limit": _positive_int,
+    "connect_timeout": _positive_seconds,
+    "publish_timeout": _positive_seconds,
+    "reconnect_interval": _positive_seconds,
+}
