@@ -30,10 +30,10 @@ import json
 import logging
 import signal
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, delete, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -61,6 +61,9 @@ log = logging.getLogger("tidings.relay")
 
 _table = outbox_table
 _columns = _table.c
+
+#: Seconds a stopping relay gives its current round to finish (it is cancelled after that).
+SHUTDOWN_GRACE = 10.0
 
 #: The transport refused this one message (not itself failing): the row is refused, the round goes on.
 _REFUSALS = (NoRoute, PublishNotConfirmed)
@@ -116,7 +119,7 @@ class Relay:
             # Cleared before the claim: a commit during the round wakes the next wait at once.
             self.outbox.clear_wake()
             try:
-                await self.relay_once()
+                await self._finish_when_cancelled(self.relay_once())
                 if loop.time() >= next_cleanup:
                     await self.clean_up()
                     next_cleanup = loop.time() + self.settings.cleanup_interval
@@ -134,6 +137,20 @@ class Relay:
             failures = 0
             if not self._more_waiting:
                 await self.outbox.wait_for_work(self.settings.poll_interval)
+
+    async def _finish_when_cancelled(self, round_: Coroutine[Any, Any, int]) -> None:
+        """Run a round; cancelled meanwhile (the bus stops), let it end first, within a grace period.
+
+        A round cut off between its claim and its settle leaves its rows leased to nobody until
+        `claim_timeout`; finishing it hands them on at once.
+        """
+        task = asyncio.ensure_future(round_)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, SHUTDOWN_GRACE)  # on timeout the round settles what it can
+            raise
 
     async def relay_once(self) -> int:
         """Claim, ship and settle one batch; returns how many rows were shipped or refused."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -270,3 +271,28 @@ async def test_a_time_with_an_offset_is_stored_as_the_same_instant(database: Asy
     async with database.connect() as connection:
         stored = (await connection.execute(select(outbox_table.c.not_before))).scalar_one()
     assert as_utc(stored) == later
+
+
+async def test_a_bus_stopping_mid_round_lets_the_relay_finish_it(database: AsyncEngine) -> None:
+    """Stopping must not leave rows leased to a relay that is gone (they would wait a claim timeout)."""
+    bus = Bus("producer", transport=memory_url(), database=database)
+    shipped: list[str] = []
+    first_shipped = asyncio.Event()
+
+    async def slow_publish(envelope: Envelope, *, not_before: object = None) -> None:
+        await asyncio.sleep(0.05)  # a broker round trip
+        shipped.append(envelope.id)
+        first_shipped.set()
+
+    bus.transport.publish = slow_publish  # type: ignore[method-assign]
+    async with AsyncSession(database) as session, session.begin():
+        for seq in range(5):  # one transaction: one chain, shipped one after the other
+            await bus.publish(Deposited(account="a", seq=seq), session=session)
+    async with bus:
+        running_bus = asyncio.create_task(bus.run())
+        await first_shipped.wait()
+        bus.stop()
+        await running_bus
+    assert len(shipped) == 5  # the round went on to its end
+    assert await count_rows(database, outbox_table.c.claimed_by.is_not(None)) == 0
+    assert await count_rows(database, outbox_table.c.sent_at.is_not(None)) == 5
