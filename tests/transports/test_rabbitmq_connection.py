@@ -1,0 +1,171 @@
+"""The RabbitMQ transport's URL and its failures to connect: clear, quick, redacted, no retry loop.
+
+Only the credential tests need a broker (see test_rabbitmq.py for how it is found).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from tests.transports import test_rabbitmq as common
+from tests.transports.test_rabbitmq import BROKER, unavailable
+from tidings.errors import ConnectionFailed, TransportClosed
+from tidings.transports import transport_from_url
+from tidings.transports.rabbitmq import RabbitMQTransport
+from tidings.transports.rabbitmq_settings import QueueType, RabbitMQSettings
+
+# The same fixtures as test_rabbitmq: this module's own vhost, URLs of a fresh namespace in it.
+vhost = common.vhost
+make_url = common.make_url
+
+
+def test_the_url_options_are_read() -> None:
+    settings = RabbitMQSettings.from_url(
+        "amqps://app:s3cret@rabbit.example:5671/shop?namespace=eshop&queue_type=classic"
+        "&delivery_limit=5&connect_timeout=2.5&publish_timeout=7&reconnect_interval=0.5"
+        "&heartbeat=30&cafile=/etc/ca.pem"
+    )
+    assert settings == RabbitMQSettings(
+        broker_url="amqps://app:s3cret@rabbit.example:5671/shop?heartbeat=30&cafile=%2Fetc%2Fca.pem",
+        namespace="eshop",
+        queue_type=QueueType.CLASSIC,
+        delivery_limit=5,
+        connect_timeout=2.5,
+        publish_timeout=7.0,
+        reconnect_interval=0.5,
+    )
+    assert settings.redacted_url == (
+        "amqps://app:***@rabbit.example:5671/shop?heartbeat=30&cafile=%2Fetc%2Fca.pem"
+    )
+
+
+def test_the_defaults() -> None:
+    settings = RabbitMQSettings.from_url("amqp://localhost")
+    assert settings.namespace == "tidings"
+    assert settings.queue_type is QueueType.QUORUM
+    assert settings.delivery_limit == 20
+    assert settings.connect_timeout == 10.0
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("amqp://guest:hunter2@localhost:notaport/", "Port"),
+        ("amqp://guest:hunter2@:5672/", "no host"),
+        ("amqp://guest:hunter2@localhost/?namespace=a%20b", "namespace"),
+        ("amqp://guest:hunter2@localhost/?queue_type=stream", "queue_type"),
+        ("amqp://guest:hunter2@localhost/?delivery_limit=0", "delivery_limit"),
+        ("amqp://guest:hunter2@localhost/?connect_timeout=-1", "connect_timeout"),
+        ("amqp://guest:hunter2@localhost/?connect_timeout=soon", "connect_timeout"),
+        ("amqp://guest:hunter2@localhost/?namspace=typo", "unknown option 'namspace'"),
+    ],
+)
+def test_a_malformed_url_is_refused_at_once_without_showing_the_password(url: str, complaint: str) -> None:
+    with pytest.raises(ConnectionFailed, match=complaint) as caught:
+        transport_from_url(url)
+    assert "hunter2" not in str(caught.value)
+    assert "guest:***@" in str(caught.value)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def aio_pika_tasks() -> list[asyncio.Task[object]]:
+    """Tasks running aio-pika or aiormq code: a reconnection loop left behind would be one."""
+    current = asyncio.current_task()
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if task is not current
+        and any(name in getattr(getattr(task.get_coro(), "cr_code", None), "co_filename", "")
+                for name in ("aio_pika", "aiormq"))
+    ]  # fmt: skip
+
+
+async def test_an_unreachable_broker_fails_quickly_and_clearly() -> None:
+    port = free_port()  # nothing listens there
+    transport = transport_from_url(f"amqp://guest:hunter2@127.0.0.1:{port}/?namespace=x")
+    with pytest.raises(
+        ConnectionFailed, match=f"cannot connect to RabbitMQ at amqp://guest:\\*\\*\\*@127.0.0.1:{port}"
+    ):
+        await transport.open()
+    assert aio_pika_tasks() == []
+    with pytest.raises(TransportClosed):
+        await transport.declare_queue("q")
+
+
+@pytest.fixture
+async def silent_server() -> AsyncIterator[tuple[int, Callable[[], int]]]:
+    """A TCP server that accepts connections and never says a word: (port, connections so far)."""
+    accepted = 0
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield port, lambda: accepted
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_broker_that_does_not_answer_fails_after_the_connect_timeout(
+    silent_server: tuple[int, Callable[[], int]],
+) -> None:
+    port, connections = silent_server
+    transport = transport_from_url(
+        f"amqp://guest:hunter2@127.0.0.1:{port}/?connect_timeout=0.5&reconnect_interval=0.2"
+    )
+    with pytest.raises(ConnectionFailed, match=r"no answer from RabbitMQ at .* within 0\.5 s") as caught:
+        await transport.open()
+    assert "hunter2" not in str(caught.value)
+    assert aio_pika_tasks() == []
+    # No reconnection loop behind the failure: several reconnect intervals later, still one attempt.
+    await asyncio.sleep(1.0)
+    assert connections() == 1
+
+
+async def test_wrong_credentials_fail_clearly(make_url: Callable[..., str]) -> None:
+    url = make_url().replace("guest:guest@", "guest:wrong-password@")
+    transport = RabbitMQTransport.from_url(url)
+    with pytest.raises(ConnectionFailed, match="refused the credentials") as caught:
+        await transport.open()
+    assert "wrong-password" not in str(caught.value)
+    assert aio_pika_tasks() == []
+
+
+async def test_a_vhost_that_does_not_exist_fails_clearly() -> None:
+    try:
+        socket.create_connection(BROKER, timeout=2).close()
+    except OSError:
+        unavailable(f"RabbitMQ does not answer on {BROKER[0]}:{BROKER[1]}")
+    transport = transport_from_url(f"amqp://guest:guest@{BROKER[0]}:{BROKER[1]}/no-such-vhost")
+    with pytest.raises(ConnectionFailed, match="no-such-vhost"):
+        await transport.open()
+    assert aio_pika_tasks() == []
+
+
+async def test_open_and_close_are_idempotent(make_url: Callable[..., str]) -> None:
+    transport = RabbitMQTransport.from_url(make_url())
+    await transport.close()  # never opened: nothing to do
+    await transport.open()
+    await transport.open()
+    await transport.declare_queue("q")
+    await transport.close()
+    await transport.close()
+    with pytest.raises(TransportClosed):
+        await transport.declare_queue("q")
