@@ -6,12 +6,18 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 CI = bool(os.environ.get("CI"))
 
-RABBITMQ_HOST = ("127.0.0.1", 5672)
+# `TIDINGS_TEST_RABBITMQ=host:port` points the tests at another broker than 127.0.0.1:5672.
+_host, _, _port = os.environ.get("TIDINGS_TEST_RABBITMQ", "").rpartition(":")
+RABBITMQ_HOST = (_host, int(_port)) if _host else ("127.0.0.1", 5672)
+#: Every transport, and those whose systems span OS processes (memory:// lives in one process).
+TRANSPORTS = ["memory", "sqlite", "rabbitmq"]
+DURABLE_TRANSPORTS = ["sqlite", "rabbitmq"]
 POSTGRES_HOST = ("127.0.0.1", 5432)
 
 
@@ -39,11 +45,28 @@ def unique(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
+def system_url(kind: str, tmp_path: Path, *, visibility_timeout: float | None = None) -> str:
+    """A URL naming a fresh, empty system on transport `kind` (memory, sqlite or rabbitmq).
+
+    RabbitMQ systems get a namespace of their own; the test skips when the broker does not
+    answer (and fails under CI). `visibility_timeout` shortens SQLite's, for kill -9 tests.
+    """
+    if kind == "memory":
+        return f"memory://{unique()}"
+    if kind == "sqlite":
+        query = f"?visibility_timeout={visibility_timeout}" if visibility_timeout else ""
+        return f"sqlite:///{tmp_path / 'bus.db'}{query}"
+    if kind == "rabbitmq":
+        require_server("RabbitMQ", RABBITMQ_HOST)
+        host, port = RABBITMQ_HOST
+        return f"amqp://guest:guest@{host}:{port}/?namespace={unique('ns')}"
+    raise ValueError(f"no transport kind {kind!r}")
+
+
 @pytest.fixture
 def rabbitmq_url() -> str:
     """A RabbitMQ URL with a namespace of its own, so tests never see each other's exchanges."""
-    require_server("RabbitMQ", RABBITMQ_HOST)
-    return f"amqp://guest:guest@127.0.0.1:5672/?namespace={unique('ns')}"
+    return system_url("rabbitmq", Path())
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import unique
-from tests.every_transport import TRANSPORTS, fresh_url
+from tests.conftest import TRANSPORTS, system_url, unique
 from tests.helpers import eventually, running
 from tidings import (
     Bus,
@@ -45,7 +44,7 @@ class Other(Reply, name="request-reply-test.other"):
 
 @pytest.fixture(params=TRANSPORTS)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return fresh_url(request.param, tmp_path)
+    return system_url(request.param, tmp_path)
 
 
 @pytest.fixture

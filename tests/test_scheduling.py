@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import unique
-from tests.every_transport import TRANSPORTS, fresh_url
+from tests.conftest import TRANSPORTS, system_url, unique
 from tests.helpers import eventually, running
 from tidings import Bus, Command, ConfigurationError, Context, Event
 
@@ -36,7 +35,7 @@ class SaleStarted(Event, name="scheduling-test.sale-started"):
 
 @pytest.fixture(params=TRANSPORTS)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return fresh_url(request.param, tmp_path)
+    return system_url(request.param, tmp_path)
 
 
 @pytest.fixture

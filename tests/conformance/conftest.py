@@ -6,21 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RABBITMQ_HOST, require_server, unique
-
-TRANSPORTS = ["memory", "sqlite", "rabbitmq"]
-#: The transports whose systems span OS processes (memory:// lives in one process by definition).
-DURABLE_TRANSPORTS = ["sqlite", "rabbitmq"]
+from tests.conftest import DURABLE_TRANSPORTS, TRANSPORTS, system_url
 
 
 def make_url(kind: str, tmp_path: Path) -> str:
-    if kind == "memory":
-        return f"memory://{unique()}"
-    if kind == "sqlite":
-        # A short visibility timeout, so that the kill -9 tests do not wait long.
-        return f"sqlite:///{tmp_path / 'bus.db'}?visibility_timeout=2"
-    require_server("RabbitMQ", RABBITMQ_HOST)
-    return f"amqp://guest:guest@127.0.0.1:5672/?namespace={unique('ns')}"
+    # A short visibility timeout, so that the kill -9 tests do not wait long.
+    return system_url(kind, tmp_path, visibility_timeout=2)
 
 
 @pytest.fixture(params=TRANSPORTS)
