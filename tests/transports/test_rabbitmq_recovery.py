@@ -248,3 +248,29 @@ async def test_a_publish_while_reconnecting_waits_for_the_connection(
         (delivery,) = await take(deliveries)  # and the consumer came back too
         assert delivery.headers["seq"] == "patient"
         await delivery.ack()
+
+
+async def test_a_temporary_queue_is_declared_bound_and_consumed_again_after_a_reconnection(
+    proxied_url: tuple[Proxy, str],
+) -> None:
+    proxy, url = proxied_url
+    async with RabbitMQTransport.from_url(url) as transport:
+        # The broker deletes an exclusive queue with its connection; aio-pika must bring back the
+        # queue, its bindings and its consumer, in that order.
+        await transport.declare_queue("replies-1", temporary=True)
+        await transport.bind("replies-1", "Announcement")
+        deliveries = transport.receive("replies-1", prefetch=10)
+        await transport.send(envelope(seq="before"), "replies-1")
+        (before,) = await take(deliveries)
+        await before.ack()
+        reconnected = asyncio.Event()
+        transport.connection().reconnect_callbacks.add(lambda *_: reconnected.set())
+        proxy.cut()
+        await asyncio.wait_for(reconnected.wait(), PATIENCE)
+        await transport.send(envelope(seq="reply"), "replies-1")
+        await transport.publish(envelope("Announcement", seq="event"))
+        seqs = set()
+        for delivery in await take(deliveries, 2):
+            seqs.add(delivery.headers["seq"])
+            await delivery.ack()
+        assert seqs == {"reply", "event"}

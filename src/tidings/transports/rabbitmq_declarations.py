@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING, TypeVar
 
 import aio_pika
 from aio_pika import ExchangeType
-from aio_pika.abc import AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustQueue,
+)
 from aio_pika.exceptions import (
     AMQPError,
     ChannelInvalidStateError,
@@ -56,6 +61,10 @@ class Declarations:
         self._channel: AbstractRobustChannel | None = None
         # Queues known to exist: declared or looked up by this instance.
         self._known_queues: set[str] = set()
+        # The queues this instance declared, by RabbitMQ name: binding through the same object
+        # lets aio-pika restore a temporary queue's bindings after a reconnection.
+        self._declared: dict[str, AbstractRobustQueue] = {}
+        self._temporary: dict[str, bool] = {}
         self._delay_levels_declared = False
         self._delay_levels_lock = asyncio.Lock()
 
@@ -81,6 +90,8 @@ class Declarations:
         """Forget everything learnt on the connection that closed."""
         self._channel = None
         self._known_queues.clear()
+        self._declared.clear()
+        self._temporary.clear()
         self._delay_levels_declared = False
 
     async def _declaring_channel(self) -> AbstractRobustChannel:
@@ -139,6 +150,8 @@ class Declarations:
         ):
             await self._declaring(amqp_queue.bind(exchange, key, robust=temporary))
         self._known_queues.update((topology.queue(queue), topology.error_queue(queue)))
+        self._declared[topology.queue(queue)] = main
+        self._temporary[topology.queue(queue)] = temporary
 
     async def queue_exists(self, physical: str) -> bool:
         """Whether RabbitMQ has the queue `physical`."""
@@ -158,23 +171,26 @@ class Declarations:
         self._known_queues.add(physical)
         return True
 
-    async def _existing_queue(self, queue: str) -> AbstractQueue:
+    async def _existing_queue(self, queue: str) -> tuple[AbstractQueue, bool]:
+        """The queue, and whether aio-pika must restore its bindings after a reconnection."""
         physical = self._topology.queue(queue)
+        if physical in self._declared:
+            return self._declared[physical], self._temporary[physical]
         if not await self.queue_exists(physical):
             raise NoRoute(f"no queue {queue!r} ({physical}) at {self._transport.url}")
         channel = await self._declaring_channel()
-        return await channel.get_queue(physical, ensure=False)
+        return await channel.get_queue(physical, ensure=False), False
 
     async def bind(self, queue: str, event_type: str) -> None:
-        amqp_queue = await self._existing_queue(queue)
+        amqp_queue, robust = await self._existing_queue(queue)
         topology = self._topology
         delayed = topology.delayed_binding(DelayKind.EVENT, event_type)
-        await self._declaring(amqp_queue.bind(topology.events_exchange, event_type))
-        await self._declaring(amqp_queue.bind(topology.delayed_exchange, delayed))
+        for exchange, key in ((topology.events_exchange, event_type), (topology.delayed_exchange, delayed)):
+            await self._declaring(amqp_queue.bind(exchange, key, robust=robust))  # type: ignore[call-arg]
 
     async def unbind(self, queue: str, event_type: str) -> None:
         try:
-            amqp_queue = await self._existing_queue(queue)
+            amqp_queue, _ = await self._existing_queue(queue)
         except NoRoute:
             return  # no queue, no binding: done
         topology = self._topology
