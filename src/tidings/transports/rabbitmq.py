@@ -19,9 +19,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import aio_pika
-from aio_pika import Message
 from aio_pika.abc import (
-    AbstractExchange,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
@@ -44,7 +42,7 @@ from tidings.errors import (
     TransportError,
 )
 from tidings.transports.base import DeadLetter, Delivery, Transport
-from tidings.transports.rabbitmq_codec import DUE_HEADER, encode_message
+from tidings.transports.rabbitmq_codec import DUE_HEADER, OutgoingMessage, encode_message
 from tidings.transports.rabbitmq_consumer import Consumer
 from tidings.transports.rabbitmq_dead_letters import ErrorQueues
 from tidings.transports.rabbitmq_declarations import Declarations, wait_until_open
@@ -67,8 +65,8 @@ class RabbitMQTransport(Transport):
         self.url = redact_url(url) if url is not None else settings.redacted_url
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
         self._consumers: set[Consumer] = set()
+        self._opening = asyncio.Lock()
         self._declarations = Declarations(self)
         self._error_queues = ErrorQueues(self)
 
@@ -90,8 +88,11 @@ class RabbitMQTransport(Transport):
         return self._connection is not None
 
     async def open(self) -> None:
-        if self._connection is not None:
-            return
+        async with self._opening:  # two concurrent open() calls make one connection
+            if self._connection is None:
+                await self._connect()
+
+    async def _connect(self) -> None:
         timeout = self.settings.connect_timeout
         connection = aio_pika.RobustConnection(
             aio_pika.connection.make_url(self.settings.broker_url),
@@ -134,7 +135,6 @@ class RabbitMQTransport(Transport):
         # exclusive (temporary) queues.
         await _close_quietly(connection)
         self._publisher = None
-        self._exchanges.clear()
         self._declarations.close()
 
     # -- topology (see rabbitmq_declarations) -------------------------------------------------
@@ -154,18 +154,11 @@ class RabbitMQTransport(Transport):
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def _exchange(self, name: str) -> AbstractExchange:
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            assert self._publisher is not None
-            exchange = self._exchanges[name] = aio_pika.Exchange(self._publisher, name, passive=True)
-        return exchange
-
     async def _publish(
         self,
         exchange: str,
         routing_key: str,
-        message: Message,
+        message: OutgoingMessage,
         *,
         no_route: Callable[[], TidingsError] | None = None,
     ) -> None:
@@ -179,7 +172,15 @@ class RabbitMQTransport(Transport):
             async with asyncio.timeout(timeout):
                 # While aio-pika reconnects, the channel is closed: wait for it to come back.
                 await wait_until_open(channel, self.connection)
-                await self._exchange(exchange).publish(message, routing_key, mandatory=no_route is not None)
+                # aiormq directly: aio-pika's Message and Exchange would only wrap the same call.
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_publish(
+                    message.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=message.properties,
+                    mandatory=no_route is not None,
+                )
         except PublishError:
             assert no_route is not None
             raise no_route() from None
@@ -203,13 +204,15 @@ class RabbitMQTransport(Transport):
                 f"{self.url}: connection lost before the confirm of a message to {exchange!r}"
             ) from None
 
-    async def _publish_delayed(self, message: Message, delay: float, kind: str, destination: str) -> None:
+    async def _publish_delayed(
+        self, message: OutgoingMessage, delay: float, kind: str, destination: str
+    ) -> None:
         delay_ms = math.ceil(delay * 1000)  # never early
         if delay_ms > MAX_DELAY_MS:
             # Past the cascade's reach: it makes the longest round and the consumer sends it
             # round again (see Consumer._postpone) until the due time has come.
             due = math.ceil(time.time() * 1000) + delay_ms
-            message.headers = {**(message.headers or {}), DUE_HEADER: str(due)}
+            message.properties.headers = {**(message.properties.headers or {}), DUE_HEADER: str(due)}
             delay_ms = MAX_DELAY_MS
         await self._declarations.declare_delay_levels()
         exchange, routing_key = self.topology.delayed_route(delay_ms, kind, destination)
@@ -239,7 +242,7 @@ class RabbitMQTransport(Transport):
         else:
             await self.send_now(message, queue)
 
-    async def send_now(self, message: Message, queue: str) -> None:
+    async def send_now(self, message: OutgoingMessage, queue: str) -> None:
         await self._publish(
             self.topology.commands_exchange,
             queue,

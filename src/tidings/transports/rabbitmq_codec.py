@@ -12,16 +12,20 @@ left out, so a consumer gets the very map the publisher's `Envelope.to_headers()
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-from aio_pika import DeliveryMode, Message
+from pamqp.commands import Basic
 
 from tidings.envelope import ATTRIBUTE_NAME
 
-__all__ = ["DUE_HEADER", "decode_headers", "encode_message"]
+__all__ = ["DUE_HEADER", "OutgoingMessage", "decode_headers", "encode_message"]
 
 _PREFIXES = ("cloudEvents_", "cloudEvents:")
+_PREFIX_LENGTH = len("cloudEvents_")
 _CONTENT_TYPE = "datacontenttype"
+_PERSISTENT = 2
 #: When a delay is longer than the delay cascade's maximum: the due time, in ms since the epoch.
 DUE_HEADER = "x-tidings-due"
 # Headers RabbitMQ writes itself (dead-lettering, delivery counts, federation), and ours above.
@@ -31,20 +35,32 @@ _BROKER_HEADERS = frozenset(
 _BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
 
 
-def encode_message(headers: Mapping[str, str], body: bytes) -> Message:
-    """An AMQP message carrying `headers` (the flat map) and `body`."""
-    amqp_headers: dict[str, Any] = {}
-    for key, value in headers.items():
-        if key == _CONTENT_TYPE:
-            continue
-        amqp_headers[f"cloudEvents_{key}" if ATTRIBUTE_NAME.match(key) else key] = value
-    return Message(
-        body,
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """What goes to `basic.publish`: the body and the AMQP properties (headers among them)."""
+
+    body: bytes
+    properties: Basic.Properties
+
+
+@lru_cache(maxsize=1024)
+def _wire_key(key: str) -> str:
+    # The same few keys come again and again: match each against the pattern once.
+    return f"cloudEvents_{key}" if ATTRIBUTE_NAME.match(key) else key
+
+
+def encode_message(headers: Mapping[str, str], body: bytes) -> OutgoingMessage:
+    """An AMQP message carrying `headers` (the flat map) and `body`, persistent."""
+    amqp_headers: dict[str, Any] = {
+        _wire_key(key): value for key, value in headers.items() if key != _CONTENT_TYPE
+    }
+    properties = Basic.Properties(
         headers=amqp_headers,
         content_type=headers.get(_CONTENT_TYPE),
         message_id=headers.get("id"),
-        delivery_mode=DeliveryMode.PERSISTENT,
+        delivery_mode=_PERSISTENT,
     )
+    return OutgoingMessage(body, properties)
 
 
 def decode_headers(
@@ -53,16 +69,15 @@ def decode_headers(
     """The flat header map of a received AMQP message."""
     headers: dict[str, str] = {}
     for key, value in (amqp_headers or {}).items():
-        if key in _BROKER_HEADERS or key.startswith(_BROKER_HEADER_PREFIXES):
+        if key.startswith(_PREFIXES):
+            key = key[_PREFIX_LENGTH:]
+        elif key in _BROKER_HEADERS or key.startswith(_BROKER_HEADER_PREFIXES):
             continue
-        text = _text(value)
-        if text is None:
-            continue  # tables and arrays from foreign publishers have no place in a flat map
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                break
-        headers[key] = text
+        if isinstance(value, str):
+            headers[key] = value
+        elif (text := _text(value)) is not None:
+            headers[key] = text
+        # else: tables and arrays from foreign publishers have no place in a flat map
     if content_type and _CONTENT_TYPE not in headers:
         headers[_CONTENT_TYPE] = content_type
     if message_id and "id" not in headers:
@@ -71,8 +86,6 @@ def decode_headers(
 
 
 def _text(value: object) -> str | None:
-    if isinstance(value, str):
-        return value
     if isinstance(value, bytes | bytearray):
         return bytes(value).decode("utf-8", errors="replace")
     if isinstance(value, bool):
