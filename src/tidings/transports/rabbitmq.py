@@ -205,7 +205,7 @@ class RabbitMQTransport(Transport):
             ) from None
 
     async def _publish_delayed(
-        self, message: OutgoingMessage, delay: float, kind: str, destination: str
+        self, message: OutgoingMessage, delay: float, kind: DelayKind, destination: str
     ) -> None:
         delay_ms = math.ceil(delay * 1000)  # never early
         if delay_ms > MAX_DELAY_MS:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
-from tidings.errors import TransportClosed
+from tidings.errors import TransportClosed, TransportError
 from tidings.transports.base import Delivery
 from tidings.transports.rabbitmq_codec import DUE_HEADER, decode_headers
 
@@ -181,8 +181,16 @@ class Consumer:
         remaining = (due - time.time() * 1000) / 1000 if due is not None else 0.0
         if remaining <= 0:
             return False
-        await self.transport.postpone(self.queue, headers, message.body, remaining)
-        await message.ack()
+        try:
+            await self.transport.postpone(self.queue, headers, message.body, remaining)
+        except TransportError as error:
+            # Not sent round again: give it back, after a pause, so that a broker refusing
+            # publishes does not make a hot loop of it.
+            log.warning("%s: could not delay a message again (%s)", self.transport.url, error)
+            await asyncio.sleep(1.0)
+            await _quietly(message.nack(requeue=True))
+            return True
+        await _quietly(message.ack())
         return True
 
     def settled(self, delivery: RabbitMQDelivery) -> None:

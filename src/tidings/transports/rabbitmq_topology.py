@@ -9,7 +9,7 @@ With the default namespace `tidings`, a service `basket` subscribed to `PriceCha
 - queue `tidings.basket`: quorum, `x-delivery-limit`, dead-lettered by the broker (a message over
   the limit) to exchange `tidings.errors` with routing key `basket`, where
 - queue `tidings.basket.error` is bound with `basket`.
-- the delay cascade (see `DelayCascade`) and exchange `tidings.delayed` (topic), where
+- the delay cascade (see `Topology.delay_level`) and exchange `tidings.delayed` (topic), where
   `tidings.basket` is bound with `<32 words>.q.basket` and `<32 words>.e.PriceChanged`.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from tidings.transports.base import error_queue_of
@@ -26,7 +27,7 @@ __all__ = ["DELAY_LEVELS", "MAX_DELAY_MS", "DelayKind", "Topology"]
 
 #: The cascade has one level per bit of the delay in milliseconds.
 DELAY_LEVELS = 32
-#: RabbitMQ refuses a TTL above 2^32 - 1 ms (an Erlang timer limit): about 49.7 days.
+#: RabbitMQ's TTL timers (Erlang timers) stop at 2^32 - 1 ms: about 49.7 days.
 MAX_DELAY_MS = 2**DELAY_LEVELS - 1
 # Error queues are only ever read back (listed, replayed); RabbitMQ 4 would otherwise apply its
 # default delivery limit of 20 to them and drop a dead letter that was listed 20 times.
@@ -35,8 +36,8 @@ _NO_DELIVERY_LIMIT = 2**31 - 1
 _MAX_DESTINATION = 180
 
 
-class DelayKind:
-    """The last-but-one word of a delayed message's routing key: where it goes when due."""
+class DelayKind(StrEnum):
+    """The word after the delay's bits in a routing key: where the message goes when due."""
 
     QUEUE = "q"  #: to the queue named by the last words (a command, a reply, a retry)
     EVENT = "e"  #: to every queue subscribed to the event named by the last words
@@ -128,7 +129,7 @@ class Topology:
         skip = "*." * (DELAY_LEVELS - 1 - level)
         return f"{skip}1.#", f"{skip}0.#"
 
-    def delayed_route(self, delay_ms: int, kind: str, destination: str) -> tuple[str, str]:
+    def delayed_route(self, delay_ms: int, kind: DelayKind, destination: str) -> tuple[str, str]:
         """(exchange, routing key) that deliver to `destination` after `delay_ms` (≥ 1)."""
         if not 0 < delay_ms <= MAX_DELAY_MS:
             raise ValueError(f"a delay of {delay_ms} ms is outside 1..{MAX_DELAY_MS} ms")
@@ -137,7 +138,7 @@ class Topology:
         return self.delay_level(first_level), f"{bits}.{kind}.{_destination_words(destination)}"
 
     @staticmethod
-    def delayed_binding(kind: str, destination: str) -> str:
+    def delayed_binding(kind: DelayKind, destination: str) -> str:
         """The key binding a queue to `delayed_exchange` for `destination` when it is due."""
         return "*." * DELAY_LEVELS + f"{kind}.{_destination_words(destination)}"
 
