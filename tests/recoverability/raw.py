@@ -81,9 +81,9 @@ class _RabbitMQ(RawInjector):
         # The binding's mapping (attributes as cloudEvents_* headers), none of its defaults.
         message = encode_message(headers, body)
         properties = pika.BasicProperties(
-            headers=dict(message.headers),
-            content_type=message.content_type,
-            message_id=message.message_id,
+            headers=dict(message.properties.headers or {}),
+            content_type=message.properties.content_type,
+            message_id=message.properties.message_id,
             delivery_mode=2,
         )
         self.channel.basic_publish("", self.queue_name(queue), body, properties, mandatory=True)
