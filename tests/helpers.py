@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from tidings import Bus
 
@@ -33,3 +37,37 @@ async def running(*buses: Bus) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
         for bus in buses:
             await bus.close()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Processes:
+    """Starts Python modules as OS processes that print `ready`, and stops every one of them."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[str]] = []
+
+    def start(self, module: str, *args: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        self.started.append(process)
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.strip() == "ready", f"{module} did not start (exit code {process.poll()})"
+        return process
+
+    def stop_all(self) -> None:
+        """SIGTERM to the live ones, SIGKILL to any still alive 15 s later."""
+        for process in self.started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.started:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            if process.stdout is not None:
+                process.stdout.close()

@@ -14,48 +14,22 @@ from pathlib import Path
 import pytest
 
 from tests.conformance.test_semantics import PlaceOrder, PriceChanged
-from tests.helpers import eventually
+from tests.helpers import Processes, eventually
 from tidings import Bus
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Processes:
-    """Starts app processes and makes sure none outlives the test."""
+class Apps(Processes):
+    """The conformance app (`tests.conformance.app`) as OS processes, none outliving the test."""
 
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen[str]] = []
-
-    def start(self, *args: str) -> subprocess.Popen[str]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.conformance.app", *args],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.started.append(process)
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.strip() == "ready", f"app did not start (exit code {process.poll()})"
-        return process
-
-    def stop_all(self) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.started:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
+    def start_app(self, *args: str) -> subprocess.Popen[str]:
+        return self.start("tests.conformance.app", *args)
 
 
 @pytest.fixture
-def processes() -> Iterator[Processes]:
-    running = Processes()
+def processes() -> Iterator[Apps]:
+    running = Apps()
     try:
         yield running
     finally:
@@ -67,12 +41,12 @@ def lines(out: Path) -> list[list[str]]:
 
 
 async def test_instances_in_separate_processes_share_the_work_once_per_service(
-    durable_url: str, name: Callable[[str], str], tmp_path: Path, processes: Processes
+    durable_url: str, name: Callable[[str], str], tmp_path: Path, processes: Apps
 ) -> None:
     out = tmp_path / "handled.txt"
     basket, search = name("basket"), name("search")
     for service in (basket, basket, basket, search):
-        processes.start(durable_url, service, str(out))
+        processes.start_app(durable_url, service, str(out))
 
     async with Bus(name("catalog"), durable_url) as catalog:
         for seq in range(100):
@@ -86,11 +60,11 @@ async def test_instances_in_separate_processes_share_the_work_once_per_service(
 
 
 async def test_a_message_whose_consumer_is_killed_mid_handler_goes_to_another_instance(
-    durable_url: str, name: Callable[[str], str], tmp_path: Path, processes: Processes
+    durable_url: str, name: Callable[[str], str], tmp_path: Path, processes: Apps
 ) -> None:
     out = tmp_path / "handled.txt"
     ordering = name("ordering")
-    doomed = processes.start(durable_url, ordering, str(out), "--hang")
+    doomed = processes.start_app(durable_url, ordering, str(out), "--hang")
     async with Bus(name("basket"), durable_url) as basket:
         basket.route(PlaceOrder, to=ordering)
         await basket.send(PlaceOrder(order_id=42))
@@ -98,7 +72,7 @@ async def test_a_message_whose_consumer_is_killed_mid_handler_goes_to_another_in
     doomed.kill()  # SIGKILL: no chance to give the message back
     doomed.wait()
 
-    processes.start(durable_url, ordering, str(out))
+    processes.start_app(durable_url, ordering, str(out))
     await eventually(lambda: ["command", "42"] in [line[2:] for line in lines(out)], timeout=30)
     survivors = [line for line in lines(out) if line[2] == "command"]
     assert len(survivors) == 1

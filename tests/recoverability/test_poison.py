@@ -10,55 +10,26 @@ the death is simulated: the handler's task ends without settling and the bus is 
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import unique
-from tests.helpers import eventually, running
+from tests.helpers import Processes, eventually, running
 from tests.recoverability.app import Job
 from tests.recoverability.poison_worker import MAX_DELIVERIES, POISON, POISON_EXIT
 from tidings import Bus, Context, DeadLetters, RetryPolicy
 
-ROOT = Path(__file__).resolve().parents[2]
 GOOD = 20
 
 
-class Workers:
-    """Starts worker processes and makes sure none outlives the test."""
+class Workers(Processes):
+    """Poison workers (`tests.recoverability.poison_worker`), none outliving the test."""
 
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen[str]] = []
-
-    def start(self, url: str, service: str, out: Path) -> subprocess.Popen[str]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.recoverability.poison_worker", url, service, str(out)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.started.append(process)
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.strip() == "ready", f"worker did not start (exit code {process.poll()})"
-        return process
-
-    def stop_all(self) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.started:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
+    def start_worker(self, url: str, service: str, out: Path) -> subprocess.Popen[str]:
+        return self.start("tests.recoverability.poison_worker", url, service, str(out))
 
 
 @pytest.fixture
@@ -94,7 +65,7 @@ async def test_a_message_that_kills_its_consumer_process_is_dead_lettered_at_the
             return await dead_letters.get(poison.id) is not None
 
         deaths = 0
-        worker = workers.start(durable_url, service, out)
+        worker = workers.start_worker(durable_url, service, out)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 90  # a bound on waiting, so a broken transport fails, not hangs
         while not (good_ones(out) == set(range(1, GOOD + 1)) and await poison_dead_lettered()):
@@ -105,7 +76,7 @@ async def test_a_message_that_kills_its_consumer_process_is_dead_lettered_at_the
                 worker.stdout.close()
                 deaths += 1
                 assert deaths <= MAX_DELIVERIES, "the poison message outlived the delivery limit"
-                worker = workers.start(durable_url, service, out)
+                worker = workers.start_worker(durable_url, service, out)
             await asyncio.sleep(0.05)
 
         # The consumer that dead-lettered it is alive and still taking messages.
