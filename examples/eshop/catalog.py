@@ -36,7 +36,7 @@ from examples.eshop.service import (
     create_schema,
     open_database,
     parse_options,
-    serve,
+    serve_with_database,
     service_bus,
 )
 from tidings import Bus, Context
@@ -186,11 +186,7 @@ async def main() -> None:
     engine = open_database(options.database)
     await seed(engine)
     bus = build(options.names, options.transport, engine)
-    await bus.create_tables()
-    try:
-        await serve(bus, stats=options.stats)
-    finally:
-        await engine.dispose()
+    await serve_with_database(bus, engine, stats=options.stats)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from examples.eshop.service import (
     create_schema,
     open_database,
     parse_options,
-    serve,
+    serve_with_database,
     service_bus,
 )
 from tidings import Bus, Context, RetryPolicy
@@ -99,11 +99,7 @@ async def main() -> None:
         limit=options.extra["limit"],
         flaky=frozenset(options.extra["flaky_buyer"]),
     )
-    await bus.create_tables()
-    try:
-        await serve(bus, stats=options.stats)
-    finally:
-        await engine.dispose()
+    await serve_with_database(bus, engine, stats=options.stats)
 
 
 if __name__ == "__main__":

@@ -254,3 +254,12 @@ async def serve(bus: Bus, *, stats: Path | None) -> None:
         if stats is not None:
             write_stats(bus, stats)
         emit("stopped", service=bus.service)
+
+
+async def serve_with_database(bus: Bus, engine: AsyncEngine, *, stats: Path | None) -> None:
+    """Create the bus's outbox and inbox tables, serve until a signal, then close the database."""
+    await bus.create_tables()
+    try:
+        await serve(bus, stats=stats)
+    finally:
+        await engine.dispose()
