@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -15,6 +18,8 @@ CI = bool(os.environ.get("CI"))
 # `TIDINGS_TEST_RABBITMQ=host:port` points the tests at another broker than 127.0.0.1:5672.
 _host, _, _port = os.environ.get("TIDINGS_TEST_RABBITMQ", "").rpartition(":")
 RABBITMQ_HOST = (_host, int(_port)) if _host else ("127.0.0.1", 5672)
+#: The broker's node name for `rabbitmqctl -n`, when it is not the default one.
+RABBITMQ_NODE = os.environ.get("TIDINGS_TEST_RABBITMQ_NODE")
 #: Every transport, and those whose systems span OS processes (memory:// lives in one process).
 TRANSPORTS = ["memory", "sqlite", "rabbitmq"]
 DURABLE_TRANSPORTS = ["sqlite", "rabbitmq"]
@@ -57,10 +62,56 @@ def system_url(kind: str, tmp_path: Path, *, visibility_timeout: float | None = 
         query = f"?visibility_timeout={visibility_timeout}" if visibility_timeout else ""
         return f"sqlite:///{tmp_path / 'bus.db'}{query}"
     if kind == "rabbitmq":
-        require_server("RabbitMQ", RABBITMQ_HOST)
-        host, port = RABBITMQ_HOST
-        return f"amqp://guest:guest@{host}:{port}/?namespace={unique('ns')}"
+        return rabbitmq_system_url()
     raise ValueError(f"no transport kind {kind!r}")
+
+
+def rabbitmq_system_url(prefix: str = "ns") -> str:
+    """A URL naming a fresh namespace in this test session's vhost (see `session_vhost`)."""
+    require_server("RabbitMQ", RABBITMQ_HOST)
+    host, port = RABBITMQ_HOST
+    return f"amqp://guest:guest@{host}:{port}/{quote(session_vhost(), safe='')}?namespace={unique(prefix)}"
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run `rabbitmqctl` against the test broker; its output, or `RuntimeError`."""
+    node = ["-n", RABBITMQ_NODE] if RABBITMQ_NODE else []
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *node, *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr or done.stdout}")
+    return done.stdout
+
+
+_session_vhost: str | None = None
+
+
+def session_vhost() -> str:
+    """A vhost made for this test session on first use, deleted with all in it when it ends.
+
+    Every test still takes a namespace of its own inside it; the vhost is what lets the session
+    leave nothing behind on a shared broker. Without `rabbitmqctl` (a remote broker) the tests use
+    the default vhost and leave their namespaces there.
+    """
+    global _session_vhost
+    if _session_vhost is None:
+        if shutil.which("rabbitmqctl") is None:
+            _session_vhost = "/"
+        else:
+            name = unique("tidings-session-")
+            rabbitmqctl("add_vhost", name)
+            _session_vhost = name  # from here on deleted at the end, even if the next step fails
+            rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    return _session_vhost
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _session_vhost not in (None, "/"):
+        try:
+            rabbitmqctl("delete_vhost", _session_vhost)
+        except (RuntimeError, subprocess.TimeoutExpired) as error:  # the run's result stands
+            print(f"\nthe test vhost {_session_vhost} was not deleted: {error}")
 
 
 @pytest.fixture

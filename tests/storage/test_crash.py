@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tests.conftest import require_server, unique
+from tests.conftest import rabbitmq_system_url
 from tests.storage.databases import produced
 from tests.storage.messages import Credit
 from tests.storage.processes import KILLED, Cluster, Process, exited, until
@@ -31,8 +31,7 @@ TRANSPORTS = ["sqlite", pytest.param("rabbitmq", marks=[pytest.mark.rabbitmq, py
 def transport_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/bus.db?visibility_timeout=1"
-    require_server("RabbitMQ", ("127.0.0.1", 5672))
-    return f"amqp://guest:guest@127.0.0.1:5672/?namespace={unique('crash')}"
+    return rabbitmq_system_url("crash")
 
 
 @pytest.fixture

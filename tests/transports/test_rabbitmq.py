@@ -12,7 +12,6 @@ import asyncio
 import os
 import shutil
 import socket
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,6 +22,7 @@ import aio_pika
 import pika
 import pytest
 
+from tests.conftest import rabbitmqctl
 from tidings.envelope import Envelope
 from tidings.errors import NoRoute, PublishNotConfirmed, TransportClosed, TransportError
 from tidings.transports import transport_from_url
@@ -31,7 +31,6 @@ from tidings.transports.rabbitmq import RabbitMQTransport
 
 _host, _, _port = os.environ.get("TIDINGS_TEST_RABBITMQ", "").rpartition(":")
 BROKER = (_host, int(_port)) if _host else ("127.0.0.1", 5672)
-NODE = os.environ.get("TIDINGS_TEST_RABBITMQ_NODE")
 #: Long enough for any delivery on a loaded machine; a test waiting this long has failed.
 PATIENCE = 20.0
 
@@ -41,16 +40,6 @@ def unavailable(reason: str) -> NoReturn:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set, so RabbitMQ must be there)")
     pytest.skip(reason)
-
-
-def rabbitmqctl(*args: str) -> str:
-    node = ["-n", NODE] if NODE else []
-    done = subprocess.run(
-        ["rabbitmqctl", "-q", *node, *args], capture_output=True, text=True, timeout=120, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr or done.stdout}")
-    return done.stdout
 
 
 def unique(prefix: str = "t") -> str:

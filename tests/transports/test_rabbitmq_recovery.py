@@ -62,7 +62,14 @@ async def stream_through(url: str, disrupt: Callable[[], Awaitable[None]]) -> No
 
         async def produce() -> None:
             window = asyncio.Semaphore(200)  # confirms in flight at once
-            await asyncio.gather(*(send(seq, window) for seq in range(STREAM)))
+            sending = []
+            for seq in range(STREAM):
+                sending.append(asyncio.create_task(send(seq, window)))
+                if seq % 50 == 49:
+                    # At most ~500/s: the stream must still flow when `disrupt` lands, and
+                    # rabbitmqctl takes seconds to start; a fast broker would be done before.
+                    await asyncio.sleep(0.1)
+            await asyncio.gather(*sending)
 
         async def consume() -> None:
             async for delivery in consumer.receive("stream", prefetch=200):

@@ -1,9 +1,12 @@
 """Consuming from RabbitMQ: one channel per `receive()`, its prefetch as `basic.qos`, manual acks.
 
-The channel is an aio-pika robust channel: after a lost connection it reopens, sets the prefetch
-again and resumes consuming by itself. Deliveries that arrived on the lost channel are void (the
-broker has already put them back); those not yet handed out are dropped, and settling one already
-handed out does nothing, because the broker redelivers it anyway.
+The channel is an aio-pika robust channel: after a lost connection it reopens and sets the prefetch
+again, and the consumer starts consuming on the new channel (`reopen_callbacks`). The consumer
+itself is registered with aiormq, under aio-pika: aio-pika's message objects would only repackage
+what aiormq hands over, at a cost per message. Acks are coalesced (`rabbitmq_acks`). Deliveries
+that arrived on a lost channel are void (the broker has already put them back); those not yet
+handed out are dropped, and settling one already handed out does nothing, because the broker
+redelivers it anyway.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+from aio_pika.abc import AbstractRobustChannel
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
 
 from tidings.errors import TransportClosed, TransportError
 from tidings.transports.base import Delivery
+from tidings.transports.rabbitmq_acks import ChannelAcks
 from tidings.transports.rabbitmq_codec import DUE_HEADER, decode_headers
 
 if TYPE_CHECKING:
@@ -28,13 +34,13 @@ __all__ = ["Consumer", "RabbitMQDelivery"]
 
 log = logging.getLogger("tidings.transports.rabbitmq")
 
-# What the consumer callback puts in the buffer when the transport closes: the receiver's cue.
-_CLOSED = None
+# What the buffer holds: a message and the settlements of the channel it came on; or the
+# receiver's cue that the transport closed (None), or that consuming failed (an error).
+_Item = tuple[DeliveredMessage, ChannelAcks] | TransportError | None
 _SETTLE_ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError)
 
 
-def _delivery_count(message: AbstractIncomingMessage) -> int:
-    headers = message.headers or {}
+def _delivery_count(message: DeliveredMessage, headers: Mapping[str, Any]) -> int:
     # Quorum queues count earlier deliveries; RabbitMQ 4.3 counts them as x-acquired-count, as
     # x-delivery-count only the failed ones. Classic queues only say "not the first time".
     for key in ("x-acquired-count", "x-delivery-count"):
@@ -44,63 +50,56 @@ def _delivery_count(message: AbstractIncomingMessage) -> int:
     return 2 if message.redelivered else 1
 
 
-def _channel_alive(message: AbstractIncomingMessage) -> bool:
-    try:
-        message.channel  # noqa: B018  (raises once the channel it came on is closed)
-    except ChannelInvalidStateError:
-        return False
-    return True
-
-
 class RabbitMQDelivery(Delivery):
     """A message received on a consumer's channel, settled on that channel."""
 
-    __slots__ = ("_consumer", "_message", "_settled")
+    __slots__ = ("_acks", "_consumer", "_settled", "_tag")
 
     def __init__(
         self,
         consumer: Consumer,
-        message: AbstractIncomingMessage,
+        message: DeliveredMessage,
+        acks: ChannelAcks,
         headers: Mapping[str, str],
+        amqp_headers: Mapping[str, Any],
     ) -> None:
         self.headers = headers
         self.body = message.body
-        self.delivery_count = _delivery_count(message)
+        self.delivery_count = _delivery_count(message, amqp_headers)
         self._consumer = consumer
-        self._message = message
+        self._acks = acks
+        self._tag: int = message.delivery_tag or 0
         self._settled = False
 
     async def ack(self) -> None:
-        await self._settle(self._message.ack)
+        await self._settle(self._acks.ack)
 
     async def release(self) -> None:
-        # basic.nack, not basic.reject: from RabbitMQ 4.3 on, nack does not count towards the
-        # delivery limit, and a release is not the message's fault.
-        await self._settle(lambda: self._message.nack(requeue=True))
+        await self._settle(self._acks.nack)
 
     async def retry_later(self, delay: float, headers: Mapping[str, str]) -> None:
         transport = self._consumer.transport
         await self._settle(
-            self._message.ack,
+            self._acks.ack,
             first=lambda: transport.requeue_copy(self._consumer.queue, headers, self.body, delay),
         )
 
     async def dead_letter(self, headers: Mapping[str, str]) -> None:
         transport = self._consumer.transport
         await self._settle(
-            self._message.ack,
+            self._acks.ack,
             first=lambda: transport.store_dead_letter(self._consumer.queue, headers, self.body),
         )
 
     async def _settle(
         self,
-        settle: Callable[[], Awaitable[None]],
+        settle: Callable[[int], Awaitable[None]],
         *,
         first: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         if self._settled:
             return
-        if not _channel_alive(self._message):
+        if not self._acks.is_open:
             # The broker took the message back when the channel went: it comes again, with a
             # higher delivery count. Publishing a copy now would only make a duplicate.
             log.warning("%s: delivery from a lost channel not settled; it will be redelivered",
@@ -109,11 +108,7 @@ class RabbitMQDelivery(Delivery):
             return
         if first is not None:
             await first()  # raises when not confirmed: the delivery stays unsettled
-        try:
-            await settle()
-        except _SETTLE_ERRORS as error:
-            log.warning("%s: could not settle a delivery (%s); it will be redelivered",
-                        self._consumer.transport.url, error)  # fmt: skip
+        await settle(self._tag)
         self._finish()
 
     def _finish(self) -> None:
@@ -130,57 +125,104 @@ class Consumer:
         self.transport = transport
         self.queue = queue
         self.prefetch = prefetch
-        self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self._buffer: asyncio.Queue[_Item] = asyncio.Queue()
         self._unsettled: set[RabbitMQDelivery] = set()
         self._channel: AbstractRobustChannel | None = None
-        self._amqp_queue: AbstractRobustQueue | None = None
+        self._physical_queue = ""
+        # The aiormq channel consumed on now, with its consumer tag and its settlements.
+        self._underlay: AbstractChannel | None = None
         self._consumer_tag: str | None = None
+        self._acks: ChannelAcks | None = None
         self._stopping = False
         self._closing: asyncio.Task[None] | None = None
 
     async def start(self, channel: AbstractRobustChannel, physical_queue: str) -> None:
         self._channel = channel
-        await channel.set_qos(prefetch_count=self.prefetch)
-        self._amqp_queue = await channel.declare_queue(physical_queue, passive=True)
-        self._consumer_tag = await self._amqp_queue.consume(self._on_message)
+        self._physical_queue = physical_queue
+        await channel.set_qos(prefetch_count=self.prefetch)  # restored by aio-pika on reopen
+        # A passive declare that aio-pika repeats when it reopens the channel: a temporary queue
+        # comes back with the connection's other channels, and aio-pika puts this channel off
+        # until the queue is there again, so consuming starts again only then.
+        await channel.declare_queue(physical_queue, passive=True)
+        await self._consume()
+        channel.reopen_callbacks.add(self._on_reopen)
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _consume(self) -> None:
+        assert self._channel is not None
+        underlay = await self._channel.get_underlay_channel()
+        acks = ChannelAcks(underlay)
+
+        async def on_message(message: DeliveredMessage) -> None:
+            await self._on_message(message, acks)
+
+        underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
+        self._underlay, self._acks = underlay, acks
+        consumed = await underlay.basic_consume(self._physical_queue, on_message)
+        self._consumer_tag = consumed.consumer_tag
+
+    async def _on_reopen(self, _channel: object) -> None:
+        if self._stopping:
+            return
+        try:
+            await self._consume()
+        except _SETTLE_ERRORS as error:
+            self._buffer.put_nowait(TransportError(
+                f"{self.transport.url}: cannot consume from {self._physical_queue} again: {error}"
+            ))  # fmt: skip
+
+    def _on_cancel(self, frame: Basic.Cancel) -> None:
+        # The broker ended the consumer (its queue was deleted): tell the receiver.
+        if frame.consumer_tag == self._consumer_tag and not self._stopping:
+            self._buffer.put_nowait(TransportError(
+                f"{self.transport.url}: RabbitMQ cancelled the consumer of {self._physical_queue}"
+            ))  # fmt: skip
+
+    async def _on_message(self, message: DeliveredMessage, acks: ChannelAcks) -> None:
+        acks.received(message.delivery_tag or 0)
         if self._stopping:
             # Arrived after stop() emptied the buffer: nobody will take it, so give it back.
-            await _quietly(message.nack(requeue=True))
+            await acks.nack(message.delivery_tag or 0)
             return
-        self._buffer.put_nowait(message)
+        self._buffer.put_nowait((message, acks))
 
     def wake(self) -> None:
         """The transport closed: make the receiver stop waiting."""
-        self._buffer.put_nowait(_CLOSED)
+        self._buffer.put_nowait(None)
 
     async def next(self) -> RabbitMQDelivery:
         """The next delivery; `TransportClosed` once the transport closed."""
         while True:
-            message = await self._buffer.get()
-            if message is _CLOSED:
-                self._buffer.put_nowait(_CLOSED)  # every later call raises too
+            item = await self._buffer.get()
+            if item is None:
+                self._buffer.put_nowait(None)  # every later call raises too
                 raise TransportClosed(f"{self.transport.url} is closed")
-            if not _channel_alive(message):
+            if isinstance(item, TransportError):
+                raise item
+            message, acks = item
+            if not acks.is_open:
                 continue  # void: the broker put it back when the channel was lost
+            properties = message.header.properties
+            amqp_headers = properties.headers or {}
             headers = decode_headers(
-                message.headers,
-                content_type=message.content_type,
-                message_id=message.message_id,
+                amqp_headers,
+                content_type=properties.content_type,
+                message_id=properties.message_id,
             )
-            if DUE_HEADER in (message.headers or {}) and await self._postpone(message, headers):
+            if DUE_HEADER in amqp_headers and await self._postpone(message, acks, headers):
                 continue
-            delivery = RabbitMQDelivery(self, message, headers)
+            delivery = RabbitMQDelivery(self, message, acks, headers, amqp_headers)
             self._unsettled.add(delivery)
             return delivery
 
-    async def _postpone(self, message: AbstractIncomingMessage, headers: Mapping[str, str]) -> bool:
+    async def _postpone(
+        self, message: DeliveredMessage, acks: ChannelAcks, headers: Mapping[str, str]
+    ) -> bool:
         """Send a message delayed past the cascade's maximum round again; True if it was."""
-        due = _due_ms(message.headers or {})
+        due = _due_ms(message.header.properties.headers or {})
         remaining = (due - time.time() * 1000) / 1000 if due is not None else 0.0
         if remaining <= 0:
             return False
+        tag = message.delivery_tag or 0
         try:
             await self.transport.postpone(self.queue, headers, message.body, remaining)
         except TransportError as error:
@@ -188,9 +230,9 @@ class Consumer:
             # publishes does not make a hot loop of it.
             log.warning("%s: could not delay a message again (%s)", self.transport.url, error)
             await asyncio.sleep(1.0)
-            await _quietly(message.nack(requeue=True))
+            await acks.nack(tag)
             return True
-        await _quietly(message.ack())
+        await acks.ack(tag)
         return True
 
     def settled(self, delivery: RabbitMQDelivery) -> None:
@@ -205,18 +247,21 @@ class Consumer:
         be acked; it closes with the last of them (or with the transport).
         """
         self._stopping = True
+        if self._channel is not None:
+            self._channel.reopen_callbacks.discard(self._on_reopen)
         if not self.transport.is_open:
             # Closing the connection gave everything back already.
             self.transport.forget(self)
             return
-        queue, tag = self._amqp_queue, self._consumer_tag
+        underlay, tag = self._underlay, self._consumer_tag
         self._consumer_tag = None
-        if queue is not None and tag is not None:
-            await _quietly(queue.cancel(tag))
+        if underlay is not None and tag is not None and not underlay.is_closed:
+            await _quietly(underlay.basic_cancel(tag))
         while not self._buffer.empty():
-            message = self._buffer.get_nowait()
-            if message is not _CLOSED and _channel_alive(message):
-                await _quietly(message.nack(requeue=True))
+            item = self._buffer.get_nowait()
+            if isinstance(item, tuple):
+                message, acks = item
+                await acks.nack(message.delivery_tag or 0)
         if not self._unsettled:
             await self._close_channel()
 
