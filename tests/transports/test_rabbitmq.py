@@ -526,6 +526,46 @@ async def test_closing_the_transport_ends_its_receivers(transport: RabbitMQTrans
         await transport.declare_queue("work")
 
 
+async def test_a_receiver_whose_queue_is_deleted_raises_transport_error(
+    transport: RabbitMQTransport,
+) -> None:
+    await transport.declare_queue("doomed")
+    deliveries = transport.receive("doomed", prefetch=1)
+    await transport.send(envelope(), "doomed")
+    (first,) = await take(deliveries)
+    await first.ack()
+    waiting = asyncio.ensure_future(anext(deliveries))
+    channel = await transport.connection().channel()
+    await channel.queue_delete(transport.topology.queue("doomed"))
+    await channel.close()
+    with pytest.raises(TransportError, match="cancelled the consumer"):
+        await asyncio.wait_for(waiting, PATIENCE)
+
+
+async def test_acks_of_deliveries_settled_out_of_order_all_count(transport: RabbitMQTransport) -> None:
+    await transport.declare_queue("work")
+    for seq in range(20):
+        await transport.send(envelope(seq=str(seq)), "work")
+    deliveries = transport.receive("work", prefetch=20)
+    held = await take(deliveries, 20)
+    for delivery in held[1::2] + held[::2]:  # odd ones first, then the even ones
+        await delivery.ack()
+    # Twice, past the delivery's own guard: still nothing (a second AMQP ack of a tag is a channel
+    # error: the broker would close the channel and give back everything on it).
+    settlements = held[0]._acks  # type: ignore[attr-defined]
+    await settlements.ack(held[0]._tag)  # type: ignore[attr-defined]
+    await transport.send(envelope(seq="after"), "work")
+    (after,) = await take(deliveries)
+    assert after.headers["seq"] == "after"
+    await after.ack()
+    assert settlements.is_open  # the very channel the 20 came on: never closed
+    await deliveries.aclose()
+    channel = await transport.connection().channel()
+    declared = await channel.declare_queue(transport.topology.queue("work"), passive=True)
+    assert declared.declaration_result.message_count == 0
+    await channel.close()
+
+
 async def test_receiving_from_a_queue_that_does_not_exist_raises_no_route(
     transport: RabbitMQTransport,
 ) -> None:
