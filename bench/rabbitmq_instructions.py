@@ -26,12 +26,14 @@ BENCH = Path(__file__).with_name("rabbitmq_throughput.py")
 def instructions(contender: str, messages: int, url: str) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "callgrind.out"
-        subprocess.run(
+        done = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
              str(BENCH), "--url", url, "--only", contender, "--messages", str(messages),
              "--rate", "100", "--seconds", "1"],
-            check=True, capture_output=True,
+            check=False, capture_output=True, text=True,
         )  # fmt: skip
+        if done.returncode != 0:
+            sys.exit(f"{contender} with {messages} messages failed:\n{done.stderr[-2000:]}")
         found = re.search(r"^summary: (\d+)", out.read_text(), re.MULTILINE)
         assert found, f"no summary in callgrind's output for {contender}"
         return int(found.group(1))
