@@ -3,7 +3,8 @@
 Every publish is persistent and waits for the broker's confirm; many publishes can be in flight
 on the one publishing channel at once, so concurrent callers are confirmed in a pipeline. Each
 `receive()` consumes on a channel of its own with manual acks. After a lost connection aio-pika
-reconnects, reopens the channels and resumes the consumers; a publish waits for that (up to
+reconnects and reopens the channels, and each consumer starts again on its reopened channel
+(`rabbitmq_consumer`); a publish waits for that (up to
 `publish_timeout`), and a publish that was in flight when the connection went raises
 `PublishNotConfirmed`, to be published again by the caller. The topology is in
 `rabbitmq_topology` and docs/rabbitmq.md.
