@@ -84,6 +84,16 @@ def rabbitmqctl(*args: str) -> str:
     return done.stdout
 
 
+def add_vhost(name: str) -> None:
+    """Make vhost `name` on the test broker, open to guest; the caller deletes it (`delete_vhost`)."""
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    except BaseException:
+        rabbitmqctl("delete_vhost", name)
+        raise
+
+
 _session_vhost: str | None = None
 
 
@@ -100,9 +110,8 @@ def session_vhost() -> str:
             _session_vhost = "/"
         else:
             name = unique("tidings-session-")
-            rabbitmqctl("add_vhost", name)
-            _session_vhost = name  # from here on deleted at the end, even if the next step fails
-            rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+            add_vhost(name)
+            _session_vhost = name  # deleted when the session ends
     return _session_vhost
 
 

@@ -23,9 +23,7 @@ bounded batches by `Inbox.clean_up` (run by `Bus.run()`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -37,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from tidings.context import Context
 from tidings.errors import ConfigurationError, Unavailable
 from tidings.messages import Message, Reply
+from tidings.shutdown import finish_then_cancel
 from tidings.storage import inbox_table, utc_now
 from tidings.storage.crashpoints import crash_point
 from tidings.storage.database import insert_ignoring_duplicates, translate_errors
@@ -153,7 +152,8 @@ class Inbox:
         """Run `clean_up` every `cleanup_interval` seconds until cancelled (`Bus.run()` does)."""
         while True:
             try:
-                deleted = await _finish_on_cancel(self.clean_up())
+                # Not cut off mid-DELETE by a stop: the driver would answer a loop that may be gone.
+                deleted = await finish_then_cancel(self.clean_up())
                 if deleted:
                     log.info("inbox of %s: %d records past the dedup window deleted", self.service, deleted)
             except Unavailable as error:
@@ -161,18 +161,3 @@ class Inbox:
             except Exception:
                 log.exception("inbox cleanup of %s failed", self.service)
             await asyncio.sleep(self.settings.cleanup_interval)
-
-
-async def _finish_on_cancel(work: Coroutine[Any, Any, int]) -> int:
-    """Await `work`; on cancellation let it finish first, then pass the cancellation on.
-
-    A stop in the middle of a DELETE would otherwise leave the database driver's thread to answer
-    an event loop that may be gone by then.
-    """
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await task
-        raise

@@ -30,10 +30,10 @@ import json
 import logging
 import signal
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, delete, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -47,6 +47,7 @@ from tidings.errors import (
     Unavailable,
 )
 from tidings.outbox_order import OutboxRow, plan
+from tidings.shutdown import finish_then_cancel
 from tidings.storage import as_utc, outbox_table, utc_now
 from tidings.storage.crashpoints import crash_point
 from tidings.storage.database import translate_errors
@@ -119,7 +120,9 @@ class Relay:
             # Cleared before the claim: a commit during the round wakes the next wait at once.
             self.outbox.clear_wake()
             try:
-                await self._finish_when_cancelled(self.relay_once())
+                # A round cut off between its claim and its settle would leave its rows leased to
+                # nobody until `claim_timeout`; finishing it hands them on at once.
+                await finish_then_cancel(self.relay_once(), grace=SHUTDOWN_GRACE)
                 if loop.time() >= next_cleanup:
                     await self.clean_up()
                     next_cleanup = loop.time() + self.settings.cleanup_interval
@@ -137,20 +140,6 @@ class Relay:
             failures = 0
             if not self._more_waiting:
                 await self.outbox.wait_for_work(self.settings.poll_interval)
-
-    async def _finish_when_cancelled(self, round_: Coroutine[Any, Any, int]) -> None:
-        """Run a round; cancelled meanwhile (the bus stops), let it end first, within a grace period.
-
-        A round cut off between its claim and its settle leaves its rows leased to nobody until
-        `claim_timeout`; finishing it hands them on at once.
-        """
-        task = asyncio.ensure_future(round_)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, SHUTDOWN_GRACE)  # on timeout the round settles what it can
-            raise
 
     async def relay_once(self) -> int:
         """Claim, ship and settle one batch; returns how many rows were shipped or refused."""

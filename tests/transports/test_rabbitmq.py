@@ -22,7 +22,7 @@ import aio_pika
 import pika
 import pytest
 
-from tests.conftest import rabbitmqctl
+from tests.conftest import add_vhost, rabbitmqctl
 from tidings.envelope import Envelope
 from tidings.errors import NoRoute, PublishNotConfirmed, TransportClosed, TransportError
 from tidings.transports import transport_from_url
@@ -56,9 +56,8 @@ def vhost() -> Iterator[str]:
     if shutil.which("rabbitmqctl") is None:
         unavailable("rabbitmqctl is not installed (the RabbitMQ tests make their vhost with it)")
     name = unique("tidings-test-")
-    rabbitmqctl("add_vhost", name)
+    add_vhost(name)
     try:
-        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
         yield name
     finally:
         rabbitmqctl("delete_vhost", name)
@@ -114,6 +113,11 @@ def text(value: object) -> object:
 # -- topology -----------------------------------------------------------------------------------
 
 
+def listed(command: str, vhost: str, *columns: str) -> set[tuple[str, ...]]:
+    """What `rabbitmqctl <command>` lists in `vhost`: a row of `columns` per entity."""
+    return {tuple(line.split("\t")) for line in rabbitmqctl(command, "-p", vhost, *columns).splitlines()}
+
+
 async def test_the_topology_is_the_documented_one(make_url: Callable[..., str], vhost: str) -> None:
     async with RabbitMQTransport.from_url(make_url(delivery_limit=7)) as transport:
         namespace = transport.settings.namespace
@@ -121,10 +125,7 @@ async def test_the_topology_is_the_documented_one(make_url: Callable[..., str], 
         await transport.bind("basket", "PriceChanged")
         await transport.send(envelope("Later"), "basket", not_before=datetime.now(UTC) + timedelta(1))
 
-    exchanges = {
-        tuple(line.split("\t"))
-        for line in rabbitmqctl("list_exchanges", "-p", vhost, "name", "type", "durable").splitlines()
-    }
+    exchanges = listed("list_exchanges", vhost, "name", "type", "durable")
     assert {
         (f"{namespace}.events", "topic", "true"),
         (f"{namespace}.commands", "direct", "true"),
@@ -133,22 +134,14 @@ async def test_the_topology_is_the_documented_one(make_url: Callable[..., str], 
         (f"{namespace}.delay.00", "topic", "true"),
         (f"{namespace}.delay.31", "topic", "true"),
     } <= exchanges
-    queues = {
-        tuple(line.split("\t"))
-        for line in rabbitmqctl("list_queues", "-p", vhost, "name", "type", "durable").splitlines()
-    }
+    queues = listed("list_queues", vhost, "name", "type", "durable")
     assert {
         (f"{namespace}.basket", "quorum", "true"),
         (f"{namespace}.basket.error", "quorum", "true"),
         (f"{namespace}.delay.00", "classic", "true"),
         (f"{namespace}.delay.31", "classic", "true"),
     } <= queues
-    bindings = {
-        tuple(line.split("\t"))
-        for line in rabbitmqctl(
-            "list_bindings", "-p", vhost, "source_name", "destination_name", "routing_key"
-        ).splitlines()
-    }
+    bindings = listed("list_bindings", vhost, "source_name", "destination_name", "routing_key")
     delay_prefix = "*." * 32
     assert {
         (f"{namespace}.events", f"{namespace}.basket", "PriceChanged"),

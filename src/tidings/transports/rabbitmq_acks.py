@@ -15,11 +15,12 @@ import logging
 from aiormq.abc import AbstractChannel
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
-__all__ = ["ChannelAcks"]
+__all__ = ["LOST_CHANNEL_ERRORS", "ChannelAcks"]
 
 log = logging.getLogger("tidings.transports.rabbitmq")
 
-_LOST = (AMQPError, ChannelInvalidStateError, ConnectionError)
+#: What an operation on a channel raises once that channel or its connection is gone.
+LOST_CHANNEL_ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError)
 
 
 class ChannelAcks:
@@ -43,7 +44,7 @@ class ChannelAcks:
         if self._take(tag):
             try:
                 await self._channel.basic_ack(tag, wait=False)
-            except _LOST as error:
+            except LOST_CHANNEL_ERRORS as error:
                 log.warning("could not ack on a lost channel (%r); the broker redelivers", error)
 
     async def nack(self, tag: int) -> None:
@@ -53,7 +54,7 @@ class ChannelAcks:
                 # nack, not reject: from RabbitMQ 4.3 on a nack does not count towards the
                 # delivery limit, and giving a message back is not the message's fault.
                 await self._channel.basic_nack(tag, requeue=True, wait=False)
-            except _LOST as error:
+            except LOST_CHANNEL_ERRORS as error:
                 log.debug("nack on a lost channel (the broker puts it back): %r", error)
 
     def _take(self, tag: int) -> bool:

@@ -11,7 +11,6 @@ left out, so a consumer gets the very map the publisher's `Envelope.to_headers()
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,8 +19,9 @@ from typing import Any
 from pamqp.commands import Basic
 
 from tidings.envelope import ATTRIBUTE_NAME
+from tidings.transports.rabbitmq_properties import Properties
 
-__all__ = ["DUE_HEADER", "OutgoingMessage", "Properties", "decode_headers", "encode_message"]
+__all__ = ["DUE_HEADER", "OutgoingMessage", "decode_headers", "encode_message"]
 
 _PREFIXES = ("cloudEvents_", "cloudEvents:")
 _PREFIX_LENGTH = len("cloudEvents_")
@@ -34,69 +34,6 @@ _BROKER_HEADERS = frozenset(
     {"x-death", "x-delivery-count", "x-acquired-count", "x-received-from", DUE_HEADER}
 )
 _BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
-
-
-# Basic.Properties flags (AMQP 0-9-1, 4.2.6.1) of what every tidings message carries.
-_CONTENT_TYPE_FLAG, _HEADERS_FLAG, _DELIVERY_MODE_FLAG, _MESSAGE_ID_FLAG = 0x8000, 0x2000, 0x1000, 0x80
-_OTHER_PROPERTIES = tuple(
-    name
-    for name in Basic.Properties.__slots__
-    if name not in ("content_type", "headers", "delivery_mode", "message_id")
-)
-_LENGTH = struct.Struct(">I")
-
-
-class Properties(Basic.Properties):
-    """`Basic.Properties` that encode the case of every tidings message themselves.
-
-    pamqp encodes any property of any type through a generic, per-value dispatch; a tidings
-    message has a content type, an id, the persistent mode and a table of string headers, and
-    encoding just that directly costs a fraction (the result is byte for byte the same). Anything
-    else is left to pamqp.
-    """
-
-    def marshal(self) -> bytes:
-        encoded = _marshal_common(self)
-        return encoded if encoded is not None else super().marshal()
-
-
-def _marshal_common(properties: Basic.Properties) -> bytes | None:
-    for name in _OTHER_PROPERTIES:
-        value = getattr(properties, name)
-        if value is not None and value != "":
-            return None
-    flags = 0
-    parts = []
-    content_type, headers = properties.content_type, properties.headers
-    if content_type:
-        encoded = content_type.encode()
-        if len(encoded) > 255:
-            return None
-        flags |= _CONTENT_TYPE_FLAG
-        parts.append(bytes((len(encoded),)) + encoded)
-    if headers is not None:  # an empty table too: pamqp writes its zero length
-        table = []
-        for key, value in sorted(headers.items()):
-            if not isinstance(value, str):
-                return None
-            key_bytes, value_bytes = key.encode(), value.encode()
-            if len(key_bytes) > 128:
-                return None  # pamqp truncates such a key (with a warning): leave that to it
-            table.append(bytes((len(key_bytes),)) + key_bytes + b"S" + _LENGTH.pack(len(value_bytes)))
-            table.append(value_bytes)
-        encoded = b"".join(table)
-        flags |= _HEADERS_FLAG
-        parts.append(_LENGTH.pack(len(encoded)) + encoded)
-    if properties.delivery_mode is not None:
-        flags |= _DELIVERY_MODE_FLAG
-        parts.append(bytes((properties.delivery_mode,)))
-    if properties.message_id:
-        encoded = properties.message_id.encode()
-        if len(encoded) > 255:
-            return None
-        flags |= _MESSAGE_ID_FLAG
-        parts.append(bytes((len(encoded),)) + encoded)
-    return flags.to_bytes(2, "big") + b"".join(parts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,8 @@
 The channel is an aio-pika robust channel: after a lost connection it reopens and sets the prefetch
 again, and the consumer starts consuming on the new channel (`reopen_callbacks`). The consumer
 itself is registered with aiormq, under aio-pika: aio-pika's message objects would only repackage
-what aiormq hands over, at a cost per message. Acks are coalesced (`rabbitmq_acks`). Deliveries
+what aiormq hands over, at a cost per message. Settling goes through the channel's `ChannelAcks`
+(`rabbitmq_acks`): once per delivery tag, without waiting for the socket to drain. Deliveries
 that arrived on a lost channel are void (the broker has already put them back); those not yet
 handed out are dropped, and settling one already handed out does nothing, because the broker
 redelivers it anyway.
@@ -18,13 +19,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractRobustChannel
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 
 from tidings.errors import TransportClosed, TransportError
 from tidings.transports.base import Delivery
-from tidings.transports.rabbitmq_acks import ChannelAcks
+from tidings.transports.rabbitmq_acks import LOST_CHANNEL_ERRORS, ChannelAcks
 from tidings.transports.rabbitmq_codec import DUE_HEADER, decode_headers
 
 if TYPE_CHECKING:
@@ -37,7 +37,6 @@ log = logging.getLogger("tidings.transports.rabbitmq")
 # What the buffer holds: a message and the settlements of the channel it came on; or the
 # receiver's cue that the transport closed (None), or that consuming failed (an error).
 _Item = tuple[DeliveredMessage, ChannelAcks] | TransportError | None
-_SETTLE_ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError)
 
 
 def _delivery_count(message: DeliveredMessage, headers: Mapping[str, Any]) -> int:
@@ -165,7 +164,7 @@ class Consumer:
             return
         try:
             await self._consume()
-        except _SETTLE_ERRORS as error:
+        except LOST_CHANNEL_ERRORS as error:
             self._buffer.put_nowait(TransportError(
                 f"{self.transport.url}: cannot consume from {self._physical_queue} again: {error}"
             ))  # fmt: skip
@@ -178,10 +177,11 @@ class Consumer:
             ))  # fmt: skip
 
     async def _on_message(self, message: DeliveredMessage, acks: ChannelAcks) -> None:
-        acks.received(message.delivery_tag or 0)
+        tag = message.delivery_tag or 0
+        acks.received(tag)
         if self._stopping:
             # Arrived after stop() emptied the buffer: nobody will take it, so give it back.
-            await acks.nack(message.delivery_tag or 0)
+            await acks.nack(tag)
             return
         self._buffer.put_nowait((message, acks))
 
@@ -208,17 +208,21 @@ class Consumer:
                 content_type=properties.content_type,
                 message_id=properties.message_id,
             )
-            if DUE_HEADER in amqp_headers and await self._postpone(message, acks, headers):
+            if DUE_HEADER in amqp_headers and await self._postpone(message, acks, headers, amqp_headers):
                 continue
             delivery = RabbitMQDelivery(self, message, acks, headers, amqp_headers)
             self._unsettled.add(delivery)
             return delivery
 
     async def _postpone(
-        self, message: DeliveredMessage, acks: ChannelAcks, headers: Mapping[str, str]
+        self,
+        message: DeliveredMessage,
+        acks: ChannelAcks,
+        headers: Mapping[str, str],
+        amqp_headers: Mapping[str, Any],
     ) -> bool:
         """Send a message delayed past the cascade's maximum round again; True if it was."""
-        due = _due_ms(message.header.properties.headers or {})
+        due = _due_ms(amqp_headers)
         remaining = (due - time.time() * 1000) / 1000 if due is not None else 0.0
         if remaining <= 0:
             return False
@@ -278,7 +282,7 @@ async def _quietly(operation: Awaitable[object]) -> None:
     task = asyncio.current_task()
     try:
         await operation
-    except _SETTLE_ERRORS as error:
+    except LOST_CHANNEL_ERRORS as error:
         log.debug("ignored on a lost channel: %r", error)
     except asyncio.CancelledError:
         if task is not None and task.cancelling():

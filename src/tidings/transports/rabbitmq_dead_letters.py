@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
-import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
@@ -21,6 +20,7 @@ from tidings.errors import NoRoute, TransportError
 from tidings.headers import FAULT_PREFIX, strip_fault_headers
 from tidings.transports.base import DeadLetter
 from tidings.transports.rabbitmq_codec import decode_headers, encode_message
+from tidings.transports.rabbitmq_declarations import scratch_channel
 
 if TYPE_CHECKING:
     from tidings.transports.rabbitmq import RabbitMQTransport
@@ -52,23 +52,19 @@ class ErrorQueues:
         physical = transport.topology.error_queue(queue)
         if not await transport.queue_exists(physical):
             raise NoRoute(f"no queue {queue!r} at {transport.url}")
-        channel = aio_pika.Channel(transport.connection(), publisher_confirms=False)
         try:
-            await channel.initialize()
-            amqp_queue = await channel.declare_queue(physical, passive=True)
-            ready = amqp_queue.declaration_result.message_count or 0
-            yield amqp_queue, ready
+            async with scratch_channel(transport.connection()) as channel:
+                amqp_queue = await channel.declare_queue(physical, passive=True)
+                yield amqp_queue, amqp_queue.declaration_result.message_count or 0
         except _ERRORS as error:
             raise TransportError(f"{transport.url}: error queue {physical}: {error}") from None
-        finally:
-            with contextlib.suppress(*_ERRORS, OSError, RuntimeError):
-                await channel.close()
 
     async def _wait_until_back(self, physical: str, ready: int) -> None:
-        channel = aio_pika.Channel(self._transport.connection(), publisher_confirms=False)
         try:
-            await channel.initialize()
-            async with asyncio.timeout(_GIVE_BACK_WAIT):
+            async with (
+                scratch_channel(self._transport.connection()) as channel,
+                asyncio.timeout(_GIVE_BACK_WAIT),
+            ):
                 while True:
                     amqp_queue = await channel.declare_queue(physical, passive=True)
                     if (amqp_queue.declaration_result.message_count or 0) >= ready:
@@ -76,9 +72,6 @@ class ErrorQueues:
                     await asyncio.sleep(0.01)
         except (TimeoutError, *_ERRORS):
             pass  # someone else consumes from it, or it is gone: nothing to wait for
-        finally:
-            with contextlib.suppress(*_ERRORS, OSError, RuntimeError):
-                await channel.close()
 
     async def list(self, queue: str, limit: int) -> Sequence[DeadLetter]:
         letters: list[DeadLetter] = []

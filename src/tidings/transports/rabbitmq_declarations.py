@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import aio_pika
@@ -34,7 +34,7 @@ from tidings.transports.rabbitmq_topology import DELAY_LEVELS, DelayKind, Topolo
 if TYPE_CHECKING:
     from tidings.transports.rabbitmq import RabbitMQTransport
 
-__all__ = ["Declarations", "wait_until_open"]
+__all__ = ["Declarations", "scratch_channel", "wait_until_open"]
 
 _T = TypeVar("_T")
 _ERRORS = (AMQPError, ChannelInvalidStateError)
@@ -51,6 +51,21 @@ async def wait_until_open(channel: AbstractRobustChannel, check: Callable[[], ob
         if channel.is_closed:
             # ready() can return before the reopened channel counts as open.
             await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def scratch_channel(connection: AbstractRobustConnection) -> AsyncIterator[aio_pika.Channel]:
+    """A plain channel for one short look (a passive declare, `basic.get`), closed afterwards.
+
+    Not robust: nothing of it is restored after a reconnection. A miss closes it, and only it.
+    """
+    channel = aio_pika.Channel(connection, publisher_confirms=False)
+    try:
+        await channel.initialize()
+        yield channel
+    finally:
+        with contextlib.suppress(*_ERRORS, OSError, RuntimeError):
+            await channel.close()
 
 
 class Declarations:
@@ -157,17 +172,13 @@ class Declarations:
         """Whether RabbitMQ has the queue `physical`."""
         if physical in self._known_queues:
             return True
-        channel = aio_pika.Channel(self._transport.connection(), publisher_confirms=False)
         try:
-            await channel.initialize()
-            await channel.declare_queue(physical, passive=True)
+            async with scratch_channel(self._transport.connection()) as channel:
+                await channel.declare_queue(physical, passive=True)
         except ChannelNotFoundEntity:
             return False
         except _ERRORS as error:
             raise TransportError(f"{self._transport.url}: cannot look up queue {physical}: {error}") from None
-        finally:
-            with contextlib.suppress(*_ERRORS, OSError, RuntimeError):
-                await channel.close()
         self._known_queues.add(physical)
         return True
 

@@ -1,4 +1,4 @@
-"""The RabbitMQ codec's own encoding of message properties: byte for byte what pamqp makes."""
+"""The RabbitMQ codec: message properties encoded byte for byte as pamqp encodes them."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import hypothesis.strategies as st
 from hypothesis import given
 from pamqp.commands import Basic
 
-from tidings.transports.rabbitmq_codec import Properties, encode_message
+from tidings.transports.rabbitmq_codec import encode_message
+from tidings.transports.rabbitmq_properties import Properties
 
 header_keys = st.text(min_size=1, max_size=140)
 header_values = st.text(max_size=300)
