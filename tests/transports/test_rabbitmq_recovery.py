@@ -281,3 +281,20 @@ async def test_a_temporary_queue_is_declared_bound_and_consumed_again_after_a_re
             seqs.add(delivery.headers["seq"])
             await delivery.ack()
         assert seqs == {"reply", "event"}
+
+
+async def test_reconnection_attempts_are_spaced_by_the_reconnect_interval(
+    proxied_url: tuple[Proxy, str],
+) -> None:
+    proxy, url = proxied_url  # reconnect_interval=0.2
+    async with RabbitMQTransport.from_url(url) as transport:
+        await transport.declare_queue("work")
+        proxy.refusing = True
+        proxy.cut()
+        before = proxy.attempts
+        await asyncio.sleep(2.0)
+        tried = proxy.attempts - before
+        proxy.refusing = False
+        # One attempt per interval at most (and some slack): a broker that is down is not hammered.
+        assert 1 <= tried <= 2.0 / 0.2 + 2
+        await transport.send(envelope(seq="back"), "work")  # and it comes back by itself
