@@ -118,14 +118,14 @@ async def handler_throughput(
     async with bus:
         for index in range(messages):
             await bus.transport.send(
-                bus.envelope_for(Deposit(account=f"a{index % 100}", amount=index)), bus.queue
+                bus.sender.envelope_for(Deposit(account=f"a{index % 100}", amount=index)), bus.queue
             )
         started = time.perf_counter()
         running = asyncio.create_task(bus.run())
         await wait_until(lambda: bus.stats.handled >= messages)
         handled = time.perf_counter() - started
         if reliable:
-            relay = bus.outbox.relay  # type: ignore[union-attr]
+            relay = bus.relay  # type: ignore[union-attr]
             await wait_until(lambda: relay.stats.sent >= messages)
         shipped = time.perf_counter() - started
         bus.stop()
@@ -159,7 +159,7 @@ async def relay_throughput(url: str, engine: AsyncEngine, messages: int, *, per_
     )
     rows = []
     for index in range(messages):
-        envelope = bus.envelope_for(Deposited(account=f"a{index % 100}", amount=index))
+        envelope = bus.sender.envelope_for(Deposited(account=f"a{index % 100}", amount=index))
         rows.append(
             {
                 "service": bus.service,
@@ -173,7 +173,7 @@ async def relay_throughput(url: str, engine: AsyncEngine, messages: int, *, per_
     async with engine.begin() as connection:
         await connection.execute(insert(outbox_table), rows)
     async with bus:
-        relay = bus.outbox.relay  # type: ignore[union-attr]
+        relay = bus.relay  # type: ignore[union-attr]
         started = time.perf_counter()
         while relay.stats.sent < messages:
             await relay.relay_once()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tidings import Bus, Command, Context, Reply
-from tidings.worker import run_worker
+from tidings.cli.worker import run_worker
 
 RESPONDER = "bench-responder"
 

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from tidings import Bus, Context, Message, Next
-from tidings.worker import run_worker
+from tidings.cli.worker import run_worker
 
 __all__ = [
     "Money",

@@ -1,4 +1,8 @@
-"""tidings: an asyncio service bus for Python microservices."""
+"""tidings: an asyncio service bus for Python microservices.
+
+`import tidings` needs only pydantic; `database=` needs the `sql` extra and `amqp://` the
+`rabbitmq` extra, imported when first used (`tidings.extras`).
+"""
 
 from tidings.bus import Bus
 from tidings.context import Context
@@ -23,53 +27,64 @@ from tidings.errors import (
     Unavailable,
     UnknownTransport,
 )
+from tidings.handlers import Handler, Middleware, Next
 from tidings.messages import Command, Event, Message, Reply
-from tidings.pipeline import Handler, Middleware, Next, Stats
 from tidings.requests import RequestOptions
 from tidings.retry import RetryPolicy
+from tidings.sending import PublishOptions, Sender, SendOptions
+from tidings.stats import Stats
+from tidings.storage_settings import InboxSettings, OutboxSettings
 from tidings.transports import DeadLetter, Delivery, Transport, transport_from_url
 
+# Grouped by theme, not sorted (ruff's RUF022 is off for this file so the headings stay true).
 __all__ = [
-    # The bus and what handlers see
+    # The bus, and what a handler sees
     "Bus",
-    # Messages
-    "Command",
-    # Errors
-    "ConfigurationError",
-    "ConnectionFailed",
     "Context",
-    # Transports (the port, for writing one; users pass a URL)
-    "DeadLetter",
-    "DeadLetters",
-    "DecodeError",
-    "Delivery",
-    "DuplicateHandler",
-    "Envelope",
-    "Event",
     "Handler",
-    "HandlerIntent",
-    "InvalidMessageType",
-    "Message",
     "Middleware",
     "Next",
-    "NoRoute",
-    "PublishNotConfirmed",
-    "Reject",
-    "RemoteError",
+    "Stats",
+    # Messages and their envelope
+    "Event",
+    "Command",
     "Reply",
+    "Message",
+    "Envelope",
+    # Sending: the options of publish/send, and the part that sends
+    "PublishOptions",
+    "SendOptions",
+    "Sender",
     # Request/reply
     "RequestOptions",
-    "RequestTimeout",
-    "Retry",
-    # Recoverability
+    # Recoverability: retries, handler intents, the error queue
     "RetryPolicy",
-    "Stats",
+    "HandlerIntent",
+    "Retry",
+    "Reject",
+    "DeadLetters",
+    # Outbox and inbox (with `Bus(..., database=engine)`)
+    "OutboxSettings",
+    "InboxSettings",
+    # Errors
     "TidingsError",
-    "Transport",
-    "TransportClosed",
-    "TransportError",
-    "Unavailable",
+    "ConfigurationError",
     "UnknownTransport",
+    "InvalidMessageType",
+    "DuplicateHandler",
+    "NoRoute",
+    "DecodeError",
+    "RemoteError",
+    "RequestTimeout",
+    "Unavailable",
+    "TransportError",
+    "ConnectionFailed",
+    "TransportClosed",
+    "PublishNotConfirmed",
+    # Transports (the port, for writing one; users pass a URL)
+    "Transport",
+    "Delivery",
+    "DeadLetter",
     "transport_from_url",
 ]
 

@@ -20,32 +20,33 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from datetime import UTC, datetime, timedelta
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, Unpack, overload
 
-from tidings.context import Context
-from tidings.envelope import DEFAULT_MAX_BODY_SIZE, Envelope, new_message_id
-from tidings.errors import ConfigurationError, DuplicateHandler, InvalidMessageType, NoRoute
-from tidings.headers import REPLY_TO, REQUEST_ID
+from tidings.consumer import consume
+from tidings.envelope import DEFAULT_MAX_BODY_SIZE
+from tidings.errors import ConfigurationError, DuplicateHandler, InvalidMessageType
+from tidings.extras import explain_missing_extra
+from tidings.handlers import Handler, Handlers, Middleware, Registration
 from tidings.messages import Command, Event, Message, Reply, validate_wire_name, wire_name_of
-from tidings.pipeline import Handler, Middleware, Pipeline, Registration, Stats
+from tidings.pipeline import Pipeline
 from tidings.requests import RequestOptions, Requests
 from tidings.retry import RetryPolicy
-from tidings.transports import Transport, transport_from_url
+from tidings.sending import PublishOptions, Routes, Sender, SendOptions
+from tidings.stats import Stats
+from tidings.transports import DEFAULT_TRANSPORT, Transport, transport_from_url
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from tidings.inbox import Inbox, InboxSettings
     from tidings.outbox import Outbox, OutboxSettings
+    from tidings.relay import Relay
 
 __all__ = ["DEFAULT_TRANSPORT", "Bus"]
 
 log = logging.getLogger("tidings.bus")
-
-DEFAULT_TRANSPORT = "sqlite:///tidings.db"
 
 H = TypeVar("H", bound=Handler)
 R = TypeVar("R", bound=Reply)
@@ -58,7 +59,13 @@ def _done() -> asyncio.Future[None]:
 
 
 class Bus:
-    """One service's connection to the message bus."""
+    """One service's connection to the message bus.
+
+    The bus puts the parts together and gives each what it needs: the `Sender` (envelopes, routes,
+    the transport or the outbox), the `Pipeline` (the consume path), `Requests` (request/reply),
+    and with a database the `Outbox`, its `Relay` and the `Inbox`. It owns the handlers, the
+    middleware and the `Stats`, which the parts read and count into, and which last as long as it.
+    """
 
     def __init__(
         self,
@@ -94,28 +101,26 @@ class Bus:
         self.retry = retry or RetryPolicy()
         self.max_deliveries = max_deliveries
         self.max_body_size = max_body_size
-        self._middleware = list(middleware)
-        #: With a database: the transactional outbox (`session=`) and the inbox middleware, which
-        #: wraps `bus.use()` middleware and handlers (docs/outbox-inbox.md).
+        self._stats = Stats()
+        self._handlers = Handlers(middleware=list(middleware))
+        #: With a database: the transactional outbox (`session=`), its relay, and the inbox
+        #: middleware, which wraps `bus.use()` middleware and handlers (docs/outbox-inbox.md).
         self.database = database
         self.outbox: Outbox | None = None
         self.inbox: Inbox | None = None
+        self.relay: Relay | None = None
         if database is not None:
-            from tidings.inbox import Inbox
-            from tidings.outbox import Outbox
-
-            self.outbox = Outbox(self, database, outbox_settings)
-            self.inbox = Inbox(self, database, inbox_settings)
-            self._middleware.append(self.inbox)
-        self._registrations: dict[str, Registration] = {}
-        self._routes: dict[str, str] = {}
+            self.outbox, self.relay, self.inbox = _storage(
+                service, database, self.transport, self._stats, outbox_settings, inbox_settings
+            )
+            self._handlers.middleware.append(self.inbox)
+        self._sender = Sender(service, self.transport, Routes(service, self._handlers.by_type), self.outbox)
+        self._requests = Requests(self._sender, self.transport, max_body_size=max_body_size)
         self._open = False
         self._stopping: asyncio.Event | None = None
         # A stop asked for before run() got going must not be lost (run() checks this first).
         self._stop_requested = False
-        self._pipeline: Pipeline | None = None
         self._background: set[asyncio.Future[None]] = set()
-        self._requests = Requests(self)
 
     # -- registration ------------------------------------------------------------------------
 
@@ -126,8 +131,13 @@ class Bus:
 
     @property
     def stats(self) -> Stats:
-        """What the consume path has done so far."""
-        return self._get_pipeline().stats
+        """What the consume path has done since this bus was made."""
+        return self._stats
+
+    @property
+    def sender(self) -> Sender:
+        """How messages leave this service: for parts that only publish or send (no consuming)."""
+        return self._sender
 
     def subscribe(self, event_type: type[Event], *, retry: RetryPolicy | None = None) -> Callable[[H], H]:
         """Decorator: handle every published event of this type (this service gets its copy)."""
@@ -145,19 +155,20 @@ class Bus:
 
     def _register(self, message_type: type[Message], retry: RetryPolicy | None) -> Callable[[H], H]:
         name = wire_name_of(message_type)
-        if name in self._registrations:
+        registrations = self._handlers.by_type
+        if name in registrations:
             raise DuplicateHandler(
                 f"service {self.service!r} already has a handler for {name!r} "
-                f"({self._registrations[name].handler!r})"
+                f"({registrations[name].handler!r})"
             )
 
         def register(handler: H) -> H:
             if not callable(handler):
                 raise ConfigurationError(f"{handler!r} is not callable")
-            if name in self._registrations:
+            if name in registrations:
                 raise DuplicateHandler(f"service {self.service!r} already handles {name!r}")
-            self._registrations[name] = Registration(message_type, handler, retry)
-            self._pipeline = None
+            # A running consumer reads the registrations at each message: this applies from the next.
+            registrations[name] = Registration(message_type, handler, retry)
             if self._open and issubclass(message_type, Event):
                 # Subscribing on a running bus binds at once, in the background.
                 task = asyncio.ensure_future(self.transport.bind(self.queue, name))
@@ -168,23 +179,24 @@ class Bus:
         return register
 
     def unsubscribe(self, event_type: type[Event]) -> Awaitable[None]:
-        """Stop receiving this event type. Await the result to know the broker has unbound it."""
+        """Stop receiving this event type. Await the result to know the broker has unbound it.
+
+        Copies already in the queue are dead-lettered as `unknown-type` when they arrive.
+        """
         name = wire_name_of(event_type)
-        self._registrations.pop(name, None)
-        self._pipeline = None
+        self._handlers.by_type.pop(name, None)
         if self._open:
             return asyncio.ensure_future(self.transport.unbind(self.queue, name))
         return _done() if _has_loop() else _NothingToAwait()
 
     def route(self, command_type: type[Command], *, to: str) -> None:
         """Send commands of this type to service `to` (the service that owns them)."""
-        validate_wire_name(to)
-        self._routes[wire_name_of(command_type)] = to
+        self._sender.routes.add(command_type, to)
 
     def use(self, middleware: Middleware) -> None:
-        """Add a middleware around every handler call (outermost first)."""
-        self._middleware.append(middleware)
-        self._pipeline = None
+        """Add a middleware around every handler call (outermost first); on a running bus, from
+        the next message on."""
+        self._handlers.middleware.append(middleware)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -196,13 +208,18 @@ class Bus:
         self._open = True
         self._stop_requested = False
         await self.transport.declare_queue(self.queue)
-        for name, registration in self._registrations.items():
+        for name, registration in self._handlers.by_type.items():
             if issubclass(registration.message_type, Event):
                 await self.transport.bind(self.queue, name)
         await self._requests.open()  # replies are consumed while open, whether run() is or not
 
     async def close(self) -> None:
-        """Stop consuming (in-flight handlers finish) and disconnect."""
+        """Ask `run()` to stop, stop consuming replies (waiting requests fail with
+        `TransportClosed`), and disconnect the transport.
+
+        It does not wait for a `run()` in another task: stop it and await it first (`bus.stop()`,
+        then the task), so that its in-flight handlers settle before the transport goes away.
+        """
         self.stop()
         if self._open:
             self._open = False
@@ -223,18 +240,15 @@ class Bus:
 
     async def run(self) -> None:
         """Consume this service's queue until `stop()`, cancellation or a signal."""
-        from tidings.consumer import consume
-
         await self.start()
         self._stopping = asyncio.Event()
         if self._stop_requested:
             self._stopping.set()
-        pipeline = self._get_pipeline()
         consuming = asyncio.create_task(
             consume(
                 self.transport,
                 self.queue,
-                pipeline.process,
+                self._get_pipeline().process,
                 concurrency=self.concurrency,
                 prefetch=self.prefetch,
             )
@@ -255,9 +269,9 @@ class Bus:
             self._stop_requested = False
 
     def _storage_jobs(self) -> list[Coroutine[Any, Any, None]]:
-        if self.outbox is None or self.inbox is None:
+        if self.relay is None or self.inbox is None:
             return []
-        return [self.outbox.relay.run(), self.inbox.clean_up_forever()]
+        return [self.relay.run(), self.inbox.clean_up_forever()]
 
     async def create_tables(self) -> None:
         """Create the outbox and inbox tables if missing (a quick start; migrations: `tidings.storage`)."""
@@ -274,123 +288,35 @@ class Bus:
             self._stopping.set()
 
     def _get_pipeline(self) -> Pipeline:
-        if self._pipeline is None:
-            self._pipeline = Pipeline(
-                self,
-                registrations=self._registrations,
-                middleware=tuple(self._middleware),
-                retry=self.retry,
-                max_body_size=self.max_body_size,
-                max_deliveries=self.max_deliveries,
-            )
-        return self._pipeline
+        # Made per run from the settings of that moment; the handlers, middleware and stats it
+        # gets are the bus's own (read live, counted into), so nothing resets or goes stale.
+        return Pipeline(
+            service=self.service,
+            handlers=self._handlers,
+            sender=self._sender,
+            stats=self._stats,
+            retry=self.retry,
+            max_body_size=self.max_body_size,
+            max_deliveries=self.max_deliveries,
+            on_dead_letter=self._requests.on_dead_letter,
+        )
 
     # -- sending -----------------------------------------------------------------------------
 
-    def envelope_for(
-        self,
-        message: Message,
-        *,
-        subject: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> Envelope:
-        """The envelope `message` travels in from this service."""
-        if not isinstance(message, Message) or type(message) in (Event, Command, Reply):
-            raise InvalidMessageType(f"{message!r} is not an Event, Command or Reply")
-        message_id = new_message_id()
-        return Envelope(
-            id=message_id,
-            type=wire_name_of(type(message)),
-            source=self.service,
-            body=message.model_dump_json().encode(),
-            subject=subject,
-            # The first message of a conversation starts it: its id is the correlation id.
-            correlation_id=correlation_id or message_id,
-            causation_id=causation_id,
-            headers=dict(headers or {}),
-        )
+    async def publish(self, event: Event, **options: Unpack[PublishOptions]) -> None:
+        """Publish an event to every subscribing service; returns once the transport has it.
 
-    async def publish(
-        self,
-        event: Event,
-        *,
-        at: datetime | None = None,
-        subject: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        session: Any = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> None:
-        """Publish an event to every subscribing service; returns once the transport has it."""
-        if not isinstance(event, Event):
-            raise InvalidMessageType(f"publish() takes an Event, not {type(event).__name__}")
-        envelope = self.envelope_for(
-            event,
-            subject=subject,
-            headers=headers,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-        )
-        await self.dispatch(envelope, queue=None, not_before=at, session=session)
+        Options (`PublishOptions`): `at`, `subject`, `headers`, `session` (write to the outbox in
+        that transaction), `correlation_id`, `causation_id`.
+        """
+        await self._sender.publish(event, **options)
 
-    async def send(
-        self,
-        command: Command,
-        *,
-        to: str | None = None,
-        delay: timedelta | None = None,
-        at: datetime | None = None,
-        subject: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        session: Any = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> None:
-        """Send a command to the service that owns it; returns once the transport has it."""
-        if not isinstance(command, Command):
-            raise InvalidMessageType(f"send() takes a Command, not {type(command).__name__}")
-        queue = to or self.route_of(type(command))
-        envelope = self.envelope_for(
-            command,
-            subject=subject,
-            headers=headers,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-        )
-        await self.dispatch(envelope, queue=queue, not_before=_when(delay, at), session=session)
+    async def send(self, command: Command, **options: Unpack[SendOptions]) -> None:
+        """Send a command to the service that owns it; returns once the transport has it.
 
-    def route_of(self, command_type: type[Command]) -> str:
-        """The queue commands of this type go to; `NoRoute` if there is none."""
-        name = wire_name_of(command_type)
-        if name in self._routes:
-            return self._routes[name]
-        if name in self._registrations:
-            return self.queue
-        raise NoRoute(
-            f"no route for command {name!r} from service {self.service!r}: "
-            f"call bus.route({command_type.__name__}, to='owner-service')"
-        )
-
-    async def dispatch(
-        self,
-        envelope: Envelope,
-        *,
-        queue: str | None,
-        not_before: datetime | None = None,
-        session: Any = None,
-    ) -> None:
-        """Hand an envelope to the transport: published when `queue` is None, else sent there."""
-        if session is not None:
-            if self.outbox is None:
-                raise ConfigurationError("session= needs a bus with a database (the transactional outbox)")
-            await self.outbox.write(session, envelope, queue=queue, not_before=not_before)
-            return
-        if queue is None:
-            await self.transport.publish(envelope, not_before=not_before)
-        else:
-            await self.transport.send(envelope, queue, not_before=not_before)
+        Options (`SendOptions`): those of `publish`, and `to` (the service), `delay`.
+        """
+        await self._sender.send(command, **options)
 
     # -- request/reply (tidings.requests) ----------------------------------------------------
 
@@ -421,43 +347,25 @@ class Bus:
         """Replies that came after their request's timeout (or twice) and were dropped."""
         return self._requests.late_replies
 
-    # -- replies -----------------------------------------------------------------------------
 
-    async def reply_to(self, ctx: Context, reply: Any) -> None:
-        """Send `reply` to the requester of the message `ctx` handles."""
-        if not isinstance(reply, Reply):
-            raise InvalidMessageType(
-                f"a handler returned {type(reply).__name__}; only a Reply can be returned"
-            )
-        reply_queue = ctx.envelope.headers.get(REPLY_TO)
-        if reply_queue is None:
-            log.warning("%s returned a reply to a message that asked for none", ctx.envelope.type)
-            return
-        envelope = self.envelope_for(
-            reply,
-            headers={REQUEST_ID: ctx.message_id},
-            correlation_id=ctx.correlation_id,
-            causation_id=ctx.message_id,
-        )
-        try:
-            await self.dispatch(envelope, queue=reply_queue, session=ctx.session)
-        except NoRoute:
-            # The requester's reply queue is gone with the instance that asked: nobody to answer.
-            log.warning("dropping a reply to %s: its reply queue %s is gone", ctx.message_id, reply_queue)
-
-    async def on_dead_letter(self, envelope: Envelope, fault: Mapping[str, str]) -> None:
-        """Called after a message handled here was dead-lettered: a request gets a fault reply."""
-        await self._requests.on_dead_letter(envelope, fault)
-
-
-def _when(delay: timedelta | None, at: datetime | None) -> datetime | None:
-    if delay is not None and at is not None:
-        raise ConfigurationError("give delay= or at=, not both")
-    if delay is not None:
-        return datetime.now(UTC) + delay
-    if at is not None and at.tzinfo is None:
-        raise ConfigurationError("at= must be an aware datetime (with a time zone)")
-    return at
+def _storage(
+    service: str,
+    database: AsyncEngine,
+    transport: Transport,
+    stats: Stats,
+    outbox_settings: OutboxSettings | None,
+    inbox_settings: InboxSettings | None,
+) -> tuple[Outbox, Relay, Inbox]:
+    """The outbox, its relay and the inbox of a service with a database (the `sql` extra)."""
+    try:
+        from tidings.inbox import Inbox
+        from tidings.outbox import Outbox
+        from tidings.relay import Relay
+    except ModuleNotFoundError as error:
+        explain_missing_extra("sql", "Bus(..., database=engine)", error)
+        raise
+    outbox = Outbox(service, database, outbox_settings)
+    return outbox, Relay(outbox, transport), Inbox(service, database, stats, inbox_settings)
 
 
 def _has_loop() -> bool:

@@ -9,34 +9,30 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Unpack
 
 from tidings.envelope import Envelope
 from tidings.messages import Command, Event, Reply
-
-if TYPE_CHECKING:
-    from tidings.bus import Bus
+from tidings.sending import PublishOptions, Sender, SendOptions
 
 __all__ = ["Context"]
 
 
 @dataclass(slots=True)
 class Context:
-    """The handled message's envelope and the bus, for one handler call."""
+    """The handled message's envelope, and this service's sender, for one handler call."""
 
-    bus: Bus
+    #: The service handling the message.
+    service: str
     envelope: Envelope
     #: Which call of the handler on this message this is (1 = the first try).
     attempt: int
     queue: str
-    #: The caller's database session when the bus has a database (the inbox transaction).
+    #: How messages leave this service (envelopes, routes, transport or outbox).
+    sender: Sender
+    #: The handler's database session when the bus has a database (the inbox transaction).
     session: Any = None
     items: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def service(self) -> str:
-        return self.bus.service
 
     @property
     def message_id(self) -> str:
@@ -54,48 +50,24 @@ class Context:
     def headers(self) -> Mapping[str, str]:
         return self.envelope.headers
 
-    async def publish(
-        self,
-        event: Event,
-        *,
-        at: datetime | None = None,
-        subject: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """Publish an event as part of this conversation."""
-        await self.bus.publish(
-            event,
-            at=at,
-            subject=subject,
-            headers=headers,
-            session=self.session,
-            correlation_id=self.correlation_id,
-            causation_id=self.message_id,
-        )
+    async def publish(self, event: Event, **options: Unpack[PublishOptions]) -> None:
+        """Publish an event as part of this conversation (and of this handler's transaction)."""
+        conversation: PublishOptions = {**self._conversation(), **options}
+        await self.sender.publish(event, **conversation)
 
-    async def send(
-        self,
-        command: Command,
-        *,
-        to: str | None = None,
-        delay: timedelta | None = None,
-        at: datetime | None = None,
-        subject: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """Send a command as part of this conversation."""
-        await self.bus.send(
-            command,
-            to=to,
-            delay=delay,
-            at=at,
-            subject=subject,
-            headers=headers,
-            session=self.session,
-            correlation_id=self.correlation_id,
-            causation_id=self.message_id,
-        )
+    async def send(self, command: Command, **options: Unpack[SendOptions]) -> None:
+        """Send a command as part of this conversation (and of this handler's transaction)."""
+        conversation: SendOptions = {**self._conversation(), **options}
+        await self.sender.send(command, **conversation)
 
     async def reply(self, reply: Reply) -> None:
         """Answer the request being handled; the reply goes to the instance that asked."""
-        await self.bus.reply_to(self, reply)
+        await self.sender.reply(self.envelope, reply, session=self.session)
+
+    def _conversation(self) -> PublishOptions:
+        """Defaults that carry the conversation on; options the handler gives win."""
+        return {
+            "session": self.session,
+            "correlation_id": self.correlation_id,
+            "causation_id": self.message_id,
+        }

@@ -61,7 +61,8 @@ class UnknownTransport(ConfigurationError):
 
 
 class DuplicateHandler(ConfigurationError):
-    """A second handler registered for a command or a reply type (commands have one owner)."""
+    """A second handler for a message type in one service: each service has at most one handler per
+    type (event, command or reply); to do two things with one event, call both from one handler."""
 
 
 class InvalidMessageType(ConfigurationError):

@@ -15,7 +15,9 @@ __all__ = [
     "strip_fault_headers",
 ]
 
-#: How many times the handler has been tried on this message so far, counting this try.
+#: The round of delayed retries this delivery belongs to: absent or 1 on the first delivery, one more
+#: for each delayed retry. Each round makes `RetryPolicy.immediate + 1` handler calls, so the call
+#: number a handler sees (`Context.attempt`) is `(round - 1) * (immediate + 1) + call in round`.
 ATTEMPT = "tidings-attempt"
 #: Every fault header starts with this: reason, type, message, traceback, attempts, times, where.
 FAULT_PREFIX = "tidings-fault-"

@@ -24,25 +24,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from tidings.context import Context
-from tidings.errors import ConfigurationError, Unavailable
+from tidings.errors import Unavailable
+from tidings.handlers import Next
 from tidings.messages import Message, Reply
 from tidings.shutdown import finish_then_cancel
+from tidings.stats import Stats
 from tidings.storage import inbox_table, utc_now
 from tidings.storage.crashpoints import crash_point
-from tidings.storage.database import insert_ignoring_duplicates, translate_errors
-
-if TYPE_CHECKING:
-    from tidings.bus import Bus
-    from tidings.pipeline import Next
+from tidings.storage.database import delete_in_batches, insert_ignoring_duplicates, translate_errors
+from tidings.storage_settings import InboxSettings
 
 __all__ = ["Inbox", "InboxSettings"]
 
@@ -51,30 +48,15 @@ log = logging.getLogger("tidings.inbox")
 _columns = inbox_table.c
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class InboxSettings:
-    """How long handled message ids are remembered, and how they are cleaned up."""
-
-    #: The dedup window: a copy of a message arriving later than this is handled again.
-    retention: timedelta = timedelta(days=7)
-    #: Records deleted per statement, and seconds between cleanup runs.
-    cleanup_batch_size: int = 1000
-    cleanup_interval: float = 300.0
-
-    def __post_init__(self) -> None:
-        if self.retention <= timedelta(0):
-            raise ConfigurationError("the inbox retention must be positive")
-        if self.cleanup_batch_size < 1 or self.cleanup_interval <= 0:
-            raise ConfigurationError("inbox cleanup_batch_size and cleanup_interval must be positive")
-
-
 class Inbox:
     """The middleware that makes a service's handlers idempotent (see the module docstring)."""
 
-    def __init__(self, bus: Bus, engine: AsyncEngine, settings: InboxSettings | None = None) -> None:
-        self.bus = bus
-        self.service = bus.service
+    def __init__(
+        self, service: str, engine: AsyncEngine, stats: Stats, settings: InboxSettings | None = None
+    ) -> None:
+        self.service = service
         self.engine = engine
+        self.stats = stats
         self.settings = settings or InboxSettings()
         # expire_on_commit=False: objects a handler loaded stay readable after the commit.
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
@@ -95,7 +77,7 @@ class Inbox:
             async with self.sessions() as session:
                 async with session.begin():
                     if not await self._record(session, ctx.message_id):
-                        self.bus.stats.duplicates += 1
+                        self.stats.duplicates += 1
                         log.info("%s %s was handled before: acknowledged", ctx.envelope.type, ctx.message_id)
                         return None
                     ctx.session = session
@@ -103,7 +85,7 @@ class Inbox:
                         result = await call_next(ctx, message)
                         if isinstance(result, Reply):
                             # The reply is one of the messages the handler emits: same transaction.
-                            await self.bus.reply_to(ctx, result)
+                            await ctx.reply(result)
                             result = None
                     finally:
                         ctx.session = None
@@ -126,27 +108,13 @@ class Inbox:
     async def clean_up(self) -> int:
         """Delete records older than the retention, in bounded batches; returns how many."""
         cutoff = utc_now() - self.settings.retention
-        size = self.settings.cleanup_batch_size
-        total = 0
-        while True:
-            oldest = (
-                select(_columns.message_id)
-                .where(_columns.service == self.service, _columns.handled_at < cutoff)
-                .limit(size)
-                .with_for_update(skip_locked=True)
-            )
-            with translate_errors():
-                async with self.engine.begin() as connection:
-                    result = await connection.execute(
-                        delete(inbox_table).where(
-                            _columns.service == self.service,
-                            _columns.message_id.in_(oldest.scalar_subquery()),
-                        )
-                    )
-            total += result.rowcount
-            if result.rowcount < size:
-                return total
-            await asyncio.sleep(0)  # other work goes on between batches
+        return await delete_in_batches(
+            self.engine.begin,
+            inbox_table,
+            _columns.message_id,
+            (_columns.service == self.service, _columns.handled_at < cutoff),
+            self.settings.cleanup_batch_size,
+        )
 
     async def clean_up_forever(self) -> None:
         """Run `clean_up` every `cleanup_interval` seconds until cancelled (`Bus.run()` does)."""

@@ -5,7 +5,7 @@
         await bus.publish(OrderPlaced(order_id="o-1"), session=session)
     # committed: the order and the message, or neither
 
-`Bus.publish(..., session=s)` and `Bus.send(..., session=s)` land here (through `Bus.dispatch`):
+`Bus.publish(..., session=s)` and `Bus.send(..., session=s)` land here (through `Sender.dispatch`):
 the envelope becomes a row of `tidings_outbox` inserted with `s`, so it commits or rolls back with
 the caller's changes. The relay (`tidings.relay`) ships committed rows to the transport; a commit
 that wrote rows wakes the relay of this process at once (a session `after_commit` hook), and the
@@ -18,8 +18,8 @@ import asyncio
 import json
 import secrets
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import event, insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -30,45 +30,9 @@ from tidings.errors import ConfigurationError
 from tidings.storage import outbox_table, utc_now
 from tidings.storage.crashpoints import crash_point
 from tidings.storage.database import check_session, translate_errors
-
-if TYPE_CHECKING:
-    from tidings.bus import Bus
-    from tidings.relay import Relay
+from tidings.storage_settings import OutboxSettings
 
 __all__ = ["Outbox", "OutboxSettings"]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OutboxSettings:
-    """How the relay ships outbox rows and cleans up after them."""
-
-    #: Rows claimed and shipped per round.
-    batch_size: int = 100
-    #: Seconds between looks at the table when no local commit woke the relay.
-    poll_interval: float = 1.0
-    #: Seconds the relay lets a wake-up wait, so the commits of that moment share one round
-    #: (one claim and one mark for many rows, instead of two transactions per message).
-    linger: float = 0.02
-    #: Seconds a relay holds the rows it claimed; a relay that died releases them after this.
-    claim_timeout: float = 30.0
-    #: Ordering chains shipped at once (rows within a chain go one after the other).
-    max_in_flight: int = 32
-    #: First and longest wait before a refused row (`NoRoute`, not confirmed) is tried again.
-    refused_backoff: float = 1.0
-    max_refused_backoff: float = 300.0
-    #: How long sent rows are kept (to answer "was it sent?") before they are deleted.
-    retention: timedelta = timedelta(hours=1)
-    #: Sent rows deleted per statement, and seconds between cleanup runs.
-    cleanup_batch_size: int = 1000
-    cleanup_interval: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.cleanup_batch_size < 1 or self.max_in_flight < 1:
-            raise ConfigurationError("outbox batch sizes and max_in_flight must be at least 1")
-        if self.poll_interval <= 0 or self.claim_timeout <= 0 or self.linger < 0:
-            raise ConfigurationError(
-                "outbox poll_interval and claim_timeout must be positive, linger not negative"
-            )
 
 
 @dataclass(eq=False, slots=True)
@@ -100,28 +64,17 @@ _STATE_KEY = "tidings.outbox"
 class Outbox:
     """Writes envelopes into `tidings_outbox` in the caller's transaction; wakes the local relay."""
 
-    def __init__(self, bus: Bus, engine: AsyncEngine, settings: OutboxSettings | None = None) -> None:
+    def __init__(self, service: str, engine: AsyncEngine, settings: OutboxSettings | None = None) -> None:
         if not isinstance(engine, AsyncEngine):
             raise ConfigurationError(
                 f"database= takes a SQLAlchemy AsyncEngine (create_async_engine), not {type(engine).__name__}"
             )
         if engine.dialect.name not in ("sqlite", "postgresql"):
             raise ConfigurationError(f"the outbox supports SQLite and PostgreSQL, not {engine.dialect.name}")
-        self.bus = bus
-        self.service = bus.service
+        self.service = service
         self.engine = engine
         self.settings = settings or OutboxSettings()
         self._wake = asyncio.Event()
-        self._relay: Relay | None = None
-
-    @property
-    def relay(self) -> Relay:
-        """This service's relay (made on first use; `Bus.run()` and `tidings relay` run it)."""
-        if self._relay is None:
-            from tidings.relay import Relay
-
-            self._relay = Relay(self)
-        return self._relay
 
     async def write(
         self,

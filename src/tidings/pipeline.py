@@ -14,60 +14,30 @@ Each delivery ends settled exactly once:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from tidings.context import Context
 from tidings.envelope import DEFAULT_MAX_BODY_SIZE, Envelope, decode_body
 from tidings.errors import DecodeError, Reject, Retry, TransportError, Unavailable
 from tidings.faults import fault_headers, first_failure_time
+from tidings.handlers import Handlers, Middleware, Next, Registration
 from tidings.headers import ATTEMPT, FAULT_PREFIX
 from tidings.messages import Message
 from tidings.retry import RetryPolicy
+from tidings.sending import Sender
+from tidings.stats import Stats
 from tidings.transports.base import Delivery
 
-if TYPE_CHECKING:
-    from tidings.bus import Bus
-
-__all__ = ["Handler", "Middleware", "Next", "Pipeline", "Registration", "Stats"]
+__all__ = ["DeadLetterHook", "Pipeline"]
 
 log = logging.getLogger("tidings.pipeline")
 
 #: How long a message waits before it is tried again when a dependency was unavailable.
 UNAVAILABLE_DELAY = 1.0
 
-
-class Handler(Protocol):
-    """A user's handler: `async def handle(message, ctx) -> Reply | None`."""
-
-    def __call__(self, message: Any, ctx: Context, /) -> Awaitable[Any]: ...
-
-
-Next = Callable[[Context, Message], Awaitable[Any]]
-#: Middleware wraps the next step: `async def mw(ctx, message, call_next): return await call_next(...)`.
-Middleware = Callable[[Context, Message, Next], Awaitable[Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class Registration:
-    """A handler bound to one message type, with an optional retry policy of its own."""
-
-    message_type: type[Message]
-    handler: Handler
-    retry: RetryPolicy | None = None
-
-
-@dataclass(slots=True)
-class Stats:
-    """Counters of what the consume path did, for the demo, tests and health checks."""
-
-    handled: int = 0
-    failed_attempts: int = 0
-    retries_scheduled: int = 0
-    dead_lettered: int = 0
-    duplicates: int = 0
-    unavailable: int = 0
+#: Told of each message dead-lettered after it was decoded (request/reply sends a fault reply).
+DeadLetterHook = Callable[[Envelope, Mapping[str, str]], Awaitable[None]]
 
 
 class Pipeline:
@@ -75,21 +45,25 @@ class Pipeline:
 
     def __init__(
         self,
-        bus: Bus,
         *,
-        registrations: Mapping[str, Registration],
-        middleware: Sequence[Middleware],
+        service: str,
+        handlers: Handlers,
+        sender: Sender,
+        stats: Stats,
         retry: RetryPolicy,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         max_deliveries: int = 10,
+        on_dead_letter: DeadLetterHook | None = None,
     ) -> None:
-        self.bus = bus
-        self.registrations = registrations
-        self.middleware = middleware
+        self.service = service
+        # Read at each message, not copied: a handler or middleware added later applies from then on.
+        self.handlers = handlers
+        self.sender = sender
+        self.stats = stats
         self.retry = retry
         self.max_body_size = max_body_size
         self.max_deliveries = max_deliveries
-        self.stats = Stats()
+        self.on_dead_letter = on_dead_letter
 
     async def process(self, delivery: Delivery, queue: str) -> None:
         """Handle and settle one delivery. Never raises: a failure to settle is logged."""
@@ -111,9 +85,9 @@ class Pipeline:
             detail = f"delivered {delivery.delivery_count} times without being settled"
             await self._dead_letter(delivery, queue, "delivery-limit", detail=detail, envelope=envelope)
             return
-        registration = self.registrations.get(envelope.type)
+        registration = self.handlers.by_type.get(envelope.type)
         if registration is None:
-            detail = f"service {self.bus.service!r} has no handler for {envelope.type!r}"
+            detail = f"service {self.service!r} has no handler for {envelope.type!r}"
             await self._dead_letter(delivery, queue, "unknown-type", detail=detail, envelope=envelope)
             return
         try:
@@ -147,13 +121,13 @@ class Pipeline:
         first_failure = delivery.headers.get(FAULT_PREFIX + "first-time")
         for immediate in range(calls_per_round):
             attempt = (round_number - 1) * calls_per_round + immediate + 1
-            ctx = Context(bus=self.bus, envelope=envelope, attempt=attempt, queue=queue)
+            ctx = Context(self.service, envelope, attempt, queue, self.sender)
             try:
                 result = await self._call(ctx, message, registration)
                 if result is not None:
                     # Inside the try: a reply that cannot be sent is a failed attempt, retried like
                     # one, instead of an exception that would leave the delivery unsettled.
-                    await self.bus.reply_to(ctx, result)
+                    await ctx.reply(result)
             except Retry as intent:
                 self.stats.retries_scheduled += 1
                 await delivery.retry_later(intent.delay, delivery.headers)
@@ -222,15 +196,16 @@ class Pipeline:
                 return
 
     async def _call(self, ctx: Context, message: Message, registration: Registration) -> Any:
-        if not self.middleware:  # the common case: no wrapping closures per message
+        middleware = self.handlers.middleware
+        if not middleware:  # the common case: no wrapping closures per message
             return await registration.handler(message, ctx)
 
         async def call_handler(ctx: Context, message: Message) -> Any:
             return await registration.handler(message, ctx)
 
         call: Next = call_handler
-        for middleware in reversed(self.middleware):
-            call = _bind(middleware, call)
+        for wrap in reversed(middleware):
+            call = _bind(wrap, call)
         return await call(ctx, message)
 
     async def _dead_letter(
@@ -252,7 +227,7 @@ class Pipeline:
         headers = fault_headers(
             original,
             reason=reason,
-            service=self.bus.service,
+            service=self.service,
             queue=queue,
             attempts=attempts,
             error=error,
@@ -260,8 +235,8 @@ class Pipeline:
         )
         await delivery.dead_letter(headers)
         self.stats.dead_lettered += 1
-        if envelope is not None:
-            await self.bus.on_dead_letter(envelope, headers)
+        if envelope is not None and self.on_dead_letter is not None:
+            await self.on_dead_letter(envelope, headers)
 
 
 def _bind(middleware: Middleware, call_next: Next) -> Next:

@@ -28,14 +28,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
-from sqlalchemy import bindparam, delete, or_, select, text, update
+from sqlalchemy import bindparam, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tidings.envelope import Envelope
@@ -46,17 +44,15 @@ from tidings.errors import (
     TransportError,
     Unavailable,
 )
+from tidings.outbox import Outbox
 from tidings.outbox_order import OutboxRow, plan
 from tidings.shutdown import finish_then_cancel
 from tidings.storage import as_utc, outbox_table, utc_now
 from tidings.storage.crashpoints import crash_point
-from tidings.storage.database import translate_errors
+from tidings.storage.database import delete_in_batches, translate_errors
+from tidings.transports.base import Transport
 
-if TYPE_CHECKING:
-    from tidings.bus import Bus
-    from tidings.outbox import Outbox
-
-__all__ = ["Relay", "RelayStats", "run_relay"]
+__all__ = ["Relay", "RelayStats"]
 
 log = logging.getLogger("tidings.relay")
 
@@ -96,14 +92,14 @@ class _Round:
 
 
 class Relay:
-    """Ships one service's committed outbox rows to its bus's transport."""
+    """Ships one service's committed outbox rows to a transport."""
 
-    def __init__(self, outbox: Outbox) -> None:
+    def __init__(self, outbox: Outbox, transport: Transport) -> None:
         self.outbox = outbox
-        self.bus = outbox.bus
+        self.transport = transport
         self.settings = outbox.settings
         self.engine = outbox.engine
-        self.service = outbox.bus.service
+        self.service = outbox.service
         self._postgresql = outbox.engine.dialect.name == "postgresql"
         #: Names this relay's leases, so it releases only its own.
         self.relay_id = uuid.uuid4().hex
@@ -181,29 +177,15 @@ class Relay:
     async def clean_up(self) -> int:
         """Delete sent rows older than the retention period, in bounded batches; returns how many."""
         cutoff = utc_now() - self.settings.retention
-        size = self.settings.cleanup_batch_size
-        total = 0
-        while True:
-            oldest = (
-                select(_columns.id)
-                .where(
-                    _columns.service == self.service,
-                    _columns.sent_at.is_not(None),
-                    _columns.sent_at < cutoff,
-                )
-                .limit(size)
-                .with_for_update(skip_locked=True)
-            )
-            with translate_errors():
-                async with self._bookkeeping() as connection:
-                    result = await connection.execute(
-                        delete(_table).where(_columns.id.in_(oldest.scalar_subquery()))
-                    )
-            total += result.rowcount
-            self.stats.deleted += result.rowcount
-            if result.rowcount < size:
-                return total
-            await asyncio.sleep(0)  # let the loop breathe between batches
+        deleted = await delete_in_batches(
+            self._bookkeeping,
+            _table,
+            _columns.id,
+            (_columns.service == self.service, _columns.sent_at.is_not(None), _columns.sent_at < cutoff),
+            self.settings.cleanup_batch_size,
+        )
+        self.stats.deleted += deleted
+        return deleted
 
     # -- the steps of a round ----------------------------------------------------------------
 
@@ -286,7 +268,7 @@ class Relay:
                     if result.outage is not None:
                         return
                     try:
-                        await _ship_row(self.bus, row)
+                        await _ship_row(self.transport, row)
                     except _REFUSALS as error:
                         result.refused.append((row, error))
                     except TransportError as error:
@@ -359,32 +341,10 @@ class Relay:
         )
 
 
-async def _ship_row(bus: Bus, row: OutboxRow) -> None:
+async def _ship_row(transport: Transport, row: OutboxRow) -> None:
     envelope = Envelope.from_headers(json.loads(row.headers), row.body)
     not_before = as_utc(row.not_before)
     if row.queue is None:
-        await bus.transport.publish(envelope, not_before=not_before)
+        await transport.publish(envelope, not_before=not_before)
     else:
-        await bus.transport.send(envelope, row.queue, not_before=not_before)
-
-
-async def run_relay(bus: Bus) -> None:
-    """Run `bus`'s relay alone (`tidings relay`) until SIGINT or SIGTERM."""
-    if bus.outbox is None:
-        raise ConfigurationError(f"service {bus.service!r} has no database: Bus(..., database=engine)")
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping.set)
-    try:
-        async with bus:
-            relaying = asyncio.create_task(bus.outbox.relay.run())
-            waiting = asyncio.create_task(stopping.wait())
-            await asyncio.wait({relaying, waiting}, return_when=asyncio.FIRST_COMPLETED)
-            waiting.cancel()
-            relaying.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await relaying
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+        await transport.send(envelope, row.queue, not_before=not_before)

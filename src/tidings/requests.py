@@ -24,11 +24,12 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypedDict, Unpack
+from typing import TypedDict, Unpack
 
 from pydantic import ValidationError
 
-from tidings.envelope import Envelope, decode_body
+from tidings.consumer import consume
+from tidings.envelope import DEFAULT_MAX_BODY_SIZE, Envelope, decode_body
 from tidings.errors import (
     ConfigurationError,
     DecodeError,
@@ -40,10 +41,8 @@ from tidings.errors import (
 )
 from tidings.headers import FAULT_PREFIX, REPLY_TO, REQUEST_ID
 from tidings.messages import Command, Reply
-from tidings.transports.base import Delivery
-
-if TYPE_CHECKING:
-    from tidings.bus import Bus
+from tidings.sending import Sender
+from tidings.transports.base import Delivery, Transport
 
 __all__ = ["DEFAULT_REQUEST_TIMEOUT", "FAULT_REPLY_TYPE", "RequestOptions", "Requests"]
 
@@ -87,10 +86,15 @@ class _Received:
 class Requests:
     """One bus instance's side of request/reply: its reply queue and the requests waiting on it."""
 
-    def __init__(self, bus: Bus) -> None:
-        self._bus = bus
+    def __init__(
+        self, sender: Sender, transport: Transport, *, max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    ) -> None:
+        self._sender = sender
+        self._transport = transport
+        self._service = sender.service
+        self._max_body_size = max_body_size
         #: This instance's temporary queue; replies to its requests, and only those, arrive here.
-        self.reply_queue = f"{bus.service}.replies.{uuid.uuid4().hex[:12]}"
+        self.reply_queue = f"{sender.service}.replies.{uuid.uuid4().hex[:12]}"
         #: Replies that found no waiting request (too late, or a duplicate) and were dropped.
         self.late_replies = 0
         self._pending: dict[str, asyncio.Future[_Received]] = {}
@@ -102,7 +106,7 @@ class Requests:
         """Declare this instance's reply queue and start consuming it."""
         if self._consumer is not None:
             return
-        await self._bus.transport.declare_queue(self.reply_queue, temporary=True)
+        await self._transport.declare_queue(self.reply_queue, temporary=True)
         self._consumer = asyncio.create_task(self._consume(), name=f"replies:{self.reply_queue}")
 
     async def close(self) -> None:
@@ -120,15 +124,13 @@ class Requests:
         pending, self._pending = self._pending, {}
         for waiter in pending.values():
             if not waiter.done():
-                waiter.set_exception(TransportClosed(f"bus {self._bus.service!r} closed before the reply"))
+                waiter.set_exception(TransportClosed(f"bus {self._service!r} closed before the reply"))
 
     async def _consume(self) -> None:
-        from tidings.consumer import consume
-
         while True:
             try:
                 await consume(
-                    self._bus.transport,
+                    self._transport,
                     self.reply_queue,
                     self._on_reply,
                     concurrency=_REPLY_CONCURRENCY,
@@ -169,10 +171,10 @@ class Requests:
             raise ConfigurationError("a request needs a timeout above 0 seconds")
         if self._consumer is None:
             raise TransportClosed(
-                f"bus {self._bus.service!r} is not open: `async with bus:` or `await bus.start()` first"
+                f"bus {self._service!r} is not open: `async with bus:` or `await bus.start()` first"
             )
-        queue = options.get("to") or self._bus.route_of(type(command))
-        envelope = self._bus.envelope_for(
+        queue = options.get("to") or self._sender.routes.of(type(command))
+        envelope = self._sender.envelope_for(
             command,
             headers={**(options.get("headers") or {}), REPLY_TO: self.reply_queue},
             correlation_id=options.get("correlation_id"),
@@ -183,7 +185,7 @@ class Requests:
         self._pending[envelope.id] = waiter
         try:
             async with asyncio.timeout(timeout) as scope:
-                await self._bus.dispatch(envelope, queue=queue)
+                await self._sender.dispatch(envelope, queue=queue)
                 received = await waiter
         except TimeoutError:
             if not scope.expired():
@@ -212,7 +214,7 @@ class Requests:
                 body=received.body,
             )
         try:
-            return reply_type.model_validate(decode_body(envelope, max_size=self._bus.max_body_size))
+            return reply_type.model_validate(decode_body(envelope, max_size=self._max_body_size))
         except ValidationError as error:
             raise DecodeError(
                 "invalid-payload", str(error), headers=received.headers, body=received.body
@@ -228,14 +230,14 @@ class Requests:
         fields = {FAULT_PREFIX + name for name in _FAULT_FIELDS}
         fault_reply = Envelope(
             type=FAULT_REPLY_TYPE,
-            source=self._bus.service,
+            source=self._service,
             body=b"{}",
             correlation_id=envelope.correlation_id or envelope.id,
             causation_id=envelope.id,
             headers={REQUEST_ID: envelope.id, **{k: v for k, v in fault.items() if k in fields}},
         )
         try:
-            await self._bus.dispatch(fault_reply, queue=reply_queue)
+            await self._sender.dispatch(fault_reply, queue=reply_queue)
         except TidingsError as error:
             # The request is safe in the error queue already; the requester will time out instead.
             log.warning("could not send the fault reply for %s to %s: %s", envelope.id, reply_queue, error)

@@ -15,7 +15,7 @@ import os
 
 from tests.conformance.test_semantics import PlaceOrder, PriceChanged
 from tidings import Bus, Context
-from tidings.worker import run_worker
+from tidings.cli.worker import run_worker
 
 
 def _record(out: str, line: str) -> None:

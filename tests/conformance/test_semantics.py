@@ -1,4 +1,4 @@
-"""The bus's semantics, the same on every transport (DESIGN.md §2, the foundation issue's point 5)."""
+"""The bus's semantics, the same on every transport (docs/guarantees.md)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import os
 
 from tests.recoverability.app import Job
 from tidings import Bus, Context, RetryPolicy
-from tidings.worker import run_worker
+from tidings.cli.worker import run_worker
 
 #: The bus's delivery limit in these tests: small, because each death costs a restart.
 MAX_DELIVERIES = 3

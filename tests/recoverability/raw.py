@@ -76,7 +76,7 @@ class _RabbitMQ(RawInjector):
     def _publish(self, queue: str, headers: Mapping[str, str], body: bytes) -> None:
         import pika
 
-        from tidings.transports.rabbitmq_codec import encode_message
+        from tidings.transports.rabbitmq.codec import encode_message
 
         # The binding's mapping (attributes as cloudEvents_* headers), none of its defaults.
         message = encode_message(headers, body)
@@ -102,8 +102,8 @@ async def raw_injector(url: str) -> AsyncIterator[RawInjector]:
         finally:
             injector.connection.close()
     else:
-        from tidings.transports.rabbitmq_settings import RabbitMQSettings
-        from tidings.transports.rabbitmq_topology import Topology
+        from tidings.transports.rabbitmq.settings import RabbitMQSettings
+        from tidings.transports.rabbitmq.topology import Topology
 
         settings = RabbitMQSettings.from_url(url)
         rabbitmq = await asyncio.to_thread(_RabbitMQ, settings.broker_url, Topology(settings).queue)

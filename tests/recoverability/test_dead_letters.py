@@ -43,7 +43,7 @@ class Service:
         ids = {}
         async with running(bus):
             for n in numbers:
-                envelope = bus.envelope_for(Job(n=n), headers={"x-user": "alice"})
+                envelope = bus.sender.envelope_for(Job(n=n), headers={"x-user": "alice"})
                 ids[n] = envelope.id
                 await bus.transport.send(envelope, bus.queue)
             await eventually(lambda: bus.stats.dead_lettered == len(numbers))

@@ -26,7 +26,7 @@ async def test_a_dead_letter_is_the_message_unchanged_plus_its_fault(make_bus: C
     async def reserve(job: Job, ctx: Context) -> None:
         _check_stock(job)
 
-    envelope = bus.envelope_for(
+    envelope = bus.sender.envelope_for(
         Job(n=3, note="gift wrap"),
         subject="order-17",
         headers={"x-user": "alice", "x-tenant": "eu-1"},
@@ -72,7 +72,7 @@ async def test_fault_headers_of_an_earlier_failure_are_replaced_not_piled_up(
         raise ValueError("the second failure")
 
     # As if replayed by hand from another system's error queue, fault headers and all.
-    envelope = bus.envelope_for(Job(n=1)).with_headers(
+    envelope = bus.sender.envelope_for(Job(n=1)).with_headers(
         **{"tidings_fault_reason": "rejected", "tidings_fault_message": "the first failure"}
     )
     async with running(bus):

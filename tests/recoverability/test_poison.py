@@ -55,7 +55,7 @@ async def test_a_message_that_kills_its_consumer_process_is_dead_lettered_at_the
 ) -> None:
     out = tmp_path / "handled.txt"
     async with Bus(service, durable_url) as producer:  # declares the service's queue
-        poison = producer.envelope_for(Job(n=0, note=POISON))
+        poison = producer.sender.envelope_for(Job(n=0, note=POISON))
         await producer.transport.send(poison, service)
         for n in range(1, GOOD + 1):
             await producer.send(Job(n=n), to=service)
@@ -122,7 +122,7 @@ async def test_a_message_that_kills_its_consumer_is_dead_lettered_at_the_limit_o
 
         async with running(bus):
             if life == 0:
-                poison = bus.envelope_for(Job(n=0, note=POISON))
+                poison = bus.sender.envelope_for(Job(n=0, note=POISON))
                 poison_id = poison.id
                 await bus.transport.send(poison, service)
                 for n in range(1, GOOD + 1):

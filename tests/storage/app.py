@@ -77,7 +77,7 @@ async def produce(count: int, per_transaction: int, with_relay: bool) -> None:
     """Send Credit 1..count, each with its `produced` row; resumes after the last committed one."""
     sessions = async_sessionmaker(database)
     async with bank:
-        relaying = asyncio.create_task(bank.outbox.relay.run()) if with_relay else None  # type: ignore[union-attr]
+        relaying = asyncio.create_task(bank.relay.run()) if with_relay else None  # type: ignore[union-attr]
         async with database.connect() as connection:
             seq = int(
                 (await connection.execute(select(func.coalesce(func.max(produced.c.seq), 0)))).scalar_one()

@@ -44,7 +44,7 @@ async def count(engine: AsyncEngine, table: Table, *conditions: object) -> int:
 
 async def send_raw(bus: Bus, command: Credit, *, message_id: str | None = None) -> str:
     """Put a command on the bus's own queue directly (the same id twice = a duplicate on the wire)."""
-    envelope = bus.envelope_for(command)
+    envelope = bus.sender.envelope_for(command)
     if message_id is not None:
         envelope = Envelope.from_headers({**envelope.to_headers(), "id": message_id}, envelope.body)
     await bus.transport.send(envelope, bus.queue)
@@ -129,7 +129,7 @@ async def test_a_reply_goes_through_the_outbox_in_the_handlers_transaction(datab
     client.route(Ask, to="oracle")
     async with running(server, client):
         reply = await client.request(Ask(question="why"), expect=Answer, timeout=10)
-        await eventually(lambda: server.outbox.relay.stats.sent == 1)  # type: ignore[union-attr]
+        await eventually(lambda: server.relay.stats.sent == 1)  # type: ignore[union-attr]
     assert reply.text == "WHY"
     assert await count(database, outbox_table, outbox_table.c.queue == client.reply_queue) == 1
 
@@ -156,7 +156,7 @@ async def test_two_instances_handling_one_message_at_once_apply_it_once(database
 
     one, two = instance("one"), instance("two")
     async with one, two:
-        envelope = one.envelope_for(Credit(account="a", seq=1))
+        envelope = one.sender.envelope_for(Credit(account="a", seq=1))
         await one.transport.send(envelope, one.queue)
         await one.transport.send(envelope, one.queue)
         receiving_one = one.transport.receive(one.queue, prefetch=1)

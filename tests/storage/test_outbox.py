@@ -49,7 +49,7 @@ async def test_a_committed_publish_is_delivered_at_once_a_rolled_back_one_never(
     producer = Bus("producer", transport=url, database=database, outbox_settings=NO_POLLING)
     received: list[Deposited] = []
     async with running(consumer_of(url, received), producer):
-        relay = producer.outbox.relay  # type: ignore[union-attr]
+        relay = producer.relay  # type: ignore[union-attr]
         await eventually(lambda: relay.stats.rounds >= 1)  # then it waits for a wake-up only
         async with AsyncSession(database) as session:
             async with session.begin():
@@ -165,7 +165,7 @@ async def test_a_refused_row_is_kept_counted_and_does_not_block_the_rows_behind_
         async with AsyncSession(database) as session, session.begin():
             await bus.send(Credit(account="a", seq=1), session=session, subject="a")
             await bus.publish(Deposited(account="a", seq=2), session=session, subject="a")
-        relay = bus.outbox.relay  # type: ignore[union-attr]
+        relay = bus.relay  # type: ignore[union-attr]
         assert await relay.relay_once() == 2
         await eventually(lambda: len(received) == 1)
     assert relay.stats.sent == 1
@@ -190,7 +190,7 @@ async def test_a_transport_outage_leaves_the_rows_for_later(database: AsyncEngin
         async with AsyncSession(database) as session, session.begin():
             for seq in range(3):
                 await bus.publish(Deposited(account="a", seq=seq), session=session)
-        relay = bus.outbox.relay  # type: ignore[union-attr]
+        relay = bus.relay  # type: ignore[union-attr]
         original = MemoryTransport.publish
 
         async def broker_down(*args: object, **kwargs: object) -> None:
@@ -214,7 +214,7 @@ async def test_sent_rows_are_deleted_after_the_retention_in_bounded_batches(data
         async with AsyncSession(database) as session, session.begin():
             for seq in range(7):
                 await bus.publish(Deposited(account="a", seq=seq), session=session)
-        relay = bus.outbox.relay  # type: ignore[union-attr]
+        relay = bus.relay  # type: ignore[union-attr]
         await relay.relay_once()
         # Five rows were sent long ago, two just now (inside the retention period).
         async with database.begin() as connection:
@@ -235,7 +235,7 @@ async def test_another_services_rows_are_not_shipped(database: AsyncEngine) -> N
     async with mine, AsyncSession(database) as session:
         async with session.begin():
             await theirs.publish(Deposited(account="a", seq=1), session=session)
-        assert await mine.outbox.relay.relay_once() == 0  # type: ignore[union-attr]
+        assert await mine.relay.relay_once() == 0  # type: ignore[union-attr]
     assert await count_rows(database, outbox_table.c.service == "other") == 1
 
 
@@ -247,7 +247,7 @@ async def test_the_database_being_down_is_unavailable_not_a_crash() -> None:
     try:
         async with bus:
             with pytest.raises(Unavailable, match="database unavailable"):
-                await bus.outbox.relay.relay_once()  # type: ignore[union-attr]
+                await bus.relay.relay_once()  # type: ignore[union-attr]
     finally:
         await engine.dispose()
 

@@ -99,7 +99,7 @@ class RelayMachine(RuleBasedStateMachine):
             await bus.start()
 
     def relay(self, index: int) -> Relay:
-        return self.buses[index].outbox.relay  # type: ignore[union-attr]
+        return self.buses[index].relay  # type: ignore[union-attr]
 
     # -- what happens --------------------------------------------------------------------------
 
@@ -113,8 +113,8 @@ class RelayMachine(RuleBasedStateMachine):
             rows = []
             async with AsyncSession(self.engine) as session, session.begin():
                 for subject in subjects:
-                    envelope = bus.envelope_for(Deposited(account="x", seq=0), subject=subject)
-                    await bus.dispatch(envelope, queue=None, session=session)
+                    envelope = bus.sender.envelope_for(Deposited(account="x", seq=0), subject=subject)
+                    await bus.sender.dispatch(envelope, queue=None, session=session)
                     rows.append(Written(envelope.id, self.transactions, subject))
                 if not commit:
                     await session.rollback()

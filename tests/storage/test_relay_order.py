@@ -99,7 +99,7 @@ async def test_two_relays_side_by_side_keep_the_order_and_send_each_row_once(dat
                 )
     async with relays[0], relays[1]:
         while len(shipped) < 30:
-            await asyncio.gather(*(bus.outbox.relay.relay_once() for bus in relays))  # type: ignore[union-attr]
+            await asyncio.gather(*(bus.relay.relay_once() for bus in relays))  # type: ignore[union-attr]
 
     async with database.connect() as connection:
         written = (await connection.execute(select(outbox_table).order_by(outbox_table.c.id))).all()
@@ -112,7 +112,7 @@ async def test_two_relays_side_by_side_keep_the_order_and_send_each_row_once(dat
             groups["subject", row.subject].append(position[row.message_id])
     for key, positions in groups.items():
         assert positions == sorted(positions), key
-    stats = [bus.outbox.relay.stats for bus in relays]  # type: ignore[union-attr]
+    stats = [bus.relay.stats for bus in relays]  # type: ignore[union-attr]
     assert sum(stat.sent for stat in stats) == 30
     assert all(stat.sent > 0 for stat in stats)  # both shipped: they did work side by side
     assert sum(stat.held_back for stat in stats) > 0  # and rows waited for the other relay
@@ -133,8 +133,8 @@ async def test_a_row_waits_while_an_older_row_of_its_subject_is_leased_by_a_dead
         async with AsyncSession(database) as session, session.begin():
             await alive.publish(Deposited(account="x", seq=seq), session=session, subject="x")
         if seq == 1:
-            await dead.outbox.relay._claim()  # type: ignore[union-attr]  # claims seq 1, then dies
-    relay = alive.outbox.relay  # type: ignore[union-attr]
+            await dead.relay._claim()  # type: ignore[union-attr]  # claims seq 1, then dies
+    relay = alive.relay  # type: ignore[union-attr]
     async with alive:
         assert await relay.relay_once() == 0
         assert relay.stats.held_back == 1

@@ -9,9 +9,9 @@ from datetime import timedelta
 import pytest
 
 from tidings import Bus, ConfigurationError
+from tidings.cli.worker import run_relay
 from tidings.inbox import InboxSettings
 from tidings.outbox import OutboxSettings
-from tidings.relay import run_relay
 from tidings.storage import crashpoints
 
 

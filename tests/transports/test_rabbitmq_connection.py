@@ -16,7 +16,7 @@ from tests.transports.test_rabbitmq import BROKER, unavailable
 from tidings.errors import ConnectionFailed, TransportClosed
 from tidings.transports import transport_from_url
 from tidings.transports.rabbitmq import RabbitMQTransport
-from tidings.transports.rabbitmq_settings import QueueType, RabbitMQSettings
+from tidings.transports.rabbitmq.settings import QueueType, RabbitMQSettings
 
 # The same fixtures as test_rabbitmq: this module's own vhost, URLs of a fresh namespace in it.
 vhost = common.vhost

@@ -6,8 +6,8 @@ import hypothesis.strategies as st
 from hypothesis import given
 from pamqp.commands import Basic
 
-from tidings.transports.rabbitmq_codec import encode_message
-from tidings.transports.rabbitmq_properties import Properties
+from tidings.transports.rabbitmq.codec import encode_message
+from tidings.transports.rabbitmq.properties import Properties
 
 header_keys = st.text(min_size=1, max_size=140)
 header_values = st.text(max_size=300)

@@ -1,13 +1,16 @@
-"""The boundary to SQLAlchemy: translate its errors, check the caller's session, dialect bits."""
+"""The boundary to SQLAlchemy: translate its errors, check the caller's session, dialect bits, and
+the batched deletes of old rows that the inbox and the relay share."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import ColumnElement, Table, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import (
@@ -17,12 +20,18 @@ from sqlalchemy.exc import (
     UnboundExecutionError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.sql.dml import Insert
 
 from tidings.errors import ConfigurationError, Unavailable
 
-__all__ = ["check_session", "insert_ignoring_duplicates", "is_unavailable", "translate_errors"]
+__all__ = [
+    "check_session",
+    "delete_in_batches",
+    "insert_ignoring_duplicates",
+    "is_unavailable",
+    "translate_errors",
+]
 
 log = logging.getLogger("tidings.storage")
 
@@ -102,3 +111,30 @@ def insert_ignoring_duplicates(table: Table, dialect_name: str) -> Insert | None
     if dialect_name == "sqlite":
         return sqlite.insert(table).on_conflict_do_nothing()
     return None
+
+
+async def delete_in_batches(
+    begin: Callable[[], AbstractAsyncContextManager[AsyncConnection]],
+    table: Table,
+    key: ColumnElement[Any],
+    conditions: tuple[ColumnElement[bool], ...],
+    batch_size: int,
+) -> int:
+    """Delete the rows of `table` that meet `conditions`, at most `batch_size` per transaction
+    (`begin()` opens one); returns how many.
+
+    Bounded batches keep each transaction (and its locks) short; `SKIP LOCKED` leaves rows that
+    another cleaner is deleting to it, and the loop lets other work run between batches.
+    """
+    total = 0
+    while True:
+        batch = select(key).where(*conditions).limit(batch_size).with_for_update(skip_locked=True)
+        with translate_errors():
+            async with begin() as connection:
+                result = await connection.execute(
+                    delete(table).where(*conditions, key.in_(batch.scalar_subquery()))
+                )
+        total += result.rowcount
+        if result.rowcount < batch_size:
+            return total
+        await asyncio.sleep(0)

@@ -5,9 +5,20 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from tidings.errors import UnknownTransport
+from tidings.extras import explain_missing_extra
 from tidings.transports.base import DeadLetter, Delivery, Transport, error_queue_of
 
-__all__ = ["DeadLetter", "Delivery", "Transport", "error_queue_of", "transport_from_url"]
+__all__ = [
+    "DEFAULT_TRANSPORT",
+    "DeadLetter",
+    "Delivery",
+    "Transport",
+    "error_queue_of",
+    "transport_from_url",
+]
+
+#: The transport of a `Bus` (and of the CLI) given none and no `TIDINGS_TRANSPORT`: embedded SQLite.
+DEFAULT_TRANSPORT = "sqlite:///tidings.db"
 
 _SCHEMES = ("memory", "sqlite", "amqp", "amqps")
 
@@ -24,7 +35,11 @@ def transport_from_url(url: str) -> Transport:
 
         return SQLiteTransport.from_url(url)
     if scheme in ("amqp", "amqps"):
-        from tidings.transports.rabbitmq import RabbitMQTransport
+        try:
+            from tidings.transports.rabbitmq import RabbitMQTransport
+        except ModuleNotFoundError as error:
+            explain_missing_extra("rabbitmq", "an amqp:// transport", error)
+            raise
 
         return RabbitMQTransport.from_url(url)
     raise UnknownTransport(

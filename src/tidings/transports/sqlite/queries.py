@@ -1,8 +1,8 @@
-"""Every statement the SQLite transport runs, one function per request (tables: `sqlite_schema`).
+"""Every statement the SQLite transport runs, one function per request (tables: `schema`).
 
-Each function runs on the transport's own thread (`sqlite_worker`), inside the transaction of the
-`Batch` it takes. Functions that refuse a request (`NoRoute`) do so before they write anything, so
-the rest of the batch can still commit.
+Each function runs on the thread that owns the transport's connection (`connection_thread`),
+inside the transaction of the `Batch` it takes. Functions that refuse a request (`NoRoute`) do so
+before they write anything, so the rest of the batch can still commit.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from tidings.errors import NoRoute
 from tidings.headers import strip_fault_headers
 from tidings.transports.base import DeadLetter, error_queue_of
-from tidings.transports.sqlite_schema import NEVER, Batch, Row
+from tidings.transports.sqlite.schema import NEVER, Batch, Row
 
 
 def require_queue(batch: Batch, queue: str) -> None:

@@ -1,18 +1,18 @@
-"""Declaring the topology of `rabbitmq_topology` on the broker: exchanges, queues, bindings.
+"""Declaring on the broker what `topology` names: exchanges, queues, bindings.
 
 Declarations go over one channel of their own, so that a refusal (a queue that exists with other
 arguments closes the channel) never hits a publish in flight. Looking up a queue that may not
-exist uses a throwaway channel, because a miss closes the channel it was asked on.
+exist uses a throwaway channel (`channels.scratch_channel`), because a miss closes the channel it
+was asked on. `transport` makes one `Declarations` and hands it the topology, a callable that
+returns the open connection, and the values it needs; nothing here knows the transport.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-import aio_pika
 from aio_pika import ExchangeType
 from aio_pika.abc import (
     AbstractQueue,
@@ -29,50 +29,35 @@ from aio_pika.exceptions import (
 
 from tidings.errors import NoRoute, TransportError
 from tidings.transports.base import error_queue_of
-from tidings.transports.rabbitmq_topology import DELAY_LEVELS, DelayKind, Topology
+from tidings.transports.rabbitmq.channels import scratch_channel, wait_until_open
+from tidings.transports.rabbitmq.topology import DELAY_LEVELS, DelayKind, Topology
 
-if TYPE_CHECKING:
-    from tidings.transports.rabbitmq import RabbitMQTransport
-
-__all__ = ["Declarations", "scratch_channel", "wait_until_open"]
+__all__ = ["Declarations"]
 
 _T = TypeVar("_T")
 _ERRORS = (AMQPError, ChannelInvalidStateError)
 
 
-async def wait_until_open(channel: AbstractRobustChannel, check: Callable[[], object]) -> None:
-    """Wait while aio-pika reopens `channel` (after a lost connection or a channel error).
-
-    `check` raises when waiting is pointless (the transport was closed meanwhile).
-    """
-    while channel.is_closed:
-        check()
-        await channel.ready()
-        if channel.is_closed:
-            # ready() can return before the reopened channel counts as open.
-            await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def scratch_channel(connection: AbstractRobustConnection) -> AsyncIterator[aio_pika.Channel]:
-    """A plain channel for one short look (a passive declare, `basic.get`), closed afterwards.
-
-    Not robust: nothing of it is restored after a reconnection. A miss closes it, and only it.
-    """
-    channel = aio_pika.Channel(connection, publisher_confirms=False)
-    try:
-        await channel.initialize()
-        yield channel
-    finally:
-        with contextlib.suppress(*_ERRORS, OSError, RuntimeError):
-            await channel.close()
-
-
 class Declarations:
-    """The topology operations of one `RabbitMQTransport`."""
+    """The topology operations of one RabbitMQ transport.
 
-    def __init__(self, transport: RabbitMQTransport) -> None:
-        self._transport = transport
+    `connection` returns the transport's open connection, or raises `TransportClosed`; `url`
+    names the broker in errors; `reopen_timeout` bounds the wait for the declaring channel while
+    aio-pika reopens it (the transport's `publish_timeout`).
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        connection: Callable[[], AbstractRobustConnection],
+        *,
+        url: str,
+        reopen_timeout: float,
+    ) -> None:
+        self._topology = topology
+        self._connection = connection
+        self._url = url
+        self._reopen_timeout = reopen_timeout
         self._channel: AbstractRobustChannel | None = None
         # Queues known to exist: declared or looked up by this instance.
         self._known_queues: set[str] = set()
@@ -82,10 +67,6 @@ class Declarations:
         self._temporary: dict[str, bool] = {}
         self._delay_levels_declared = False
         self._delay_levels_lock = asyncio.Lock()
-
-    @property
-    def _topology(self) -> Topology:
-        return self._transport.topology
 
     async def open(self, connection: AbstractRobustConnection) -> None:
         """Open the declaring channel and declare the exchanges every namespace has."""
@@ -110,18 +91,18 @@ class Declarations:
         self._delay_levels_declared = False
 
     async def _declaring_channel(self) -> AbstractRobustChannel:
-        self._transport.connection()  # TransportClosed when closed
+        self._connection()  # TransportClosed when closed
         assert self._channel is not None
         try:
-            async with asyncio.timeout(self._transport.settings.publish_timeout):
-                await wait_until_open(self._channel, self._transport.connection)
+            async with asyncio.timeout(self._reopen_timeout):
+                await wait_until_open(self._channel, self._connection)
         except TimeoutError:
-            raise TransportError(f"{self._transport.url}: no channel to declare on") from None
+            raise TransportError(f"{self._url}: no channel to declare on") from None
         return self._channel
 
     async def _declaring(self, operation: Awaitable[_T]) -> _T:
         """Await a declaration, translating the broker's refusals."""
-        url = self._transport.url
+        url = self._url
         try:
             return await operation
         except ChannelPreconditionFailed as error:
@@ -173,12 +154,12 @@ class Declarations:
         if physical in self._known_queues:
             return True
         try:
-            async with scratch_channel(self._transport.connection()) as channel:
+            async with scratch_channel(self._connection()) as channel:
                 await channel.declare_queue(physical, passive=True)
         except ChannelNotFoundEntity:
             return False
         except _ERRORS as error:
-            raise TransportError(f"{self._transport.url}: cannot look up queue {physical}: {error}") from None
+            raise TransportError(f"{self._url}: cannot look up queue {physical}: {error}") from None
         self._known_queues.add(physical)
         return True
 
@@ -188,7 +169,7 @@ class Declarations:
         if physical in self._declared:
             return self._declared[physical], self._temporary[physical]
         if not await self.queue_exists(physical):
-            raise NoRoute(f"no queue {queue!r} ({physical}) at {self._transport.url}")
+            raise NoRoute(f"no queue {queue!r} ({physical}) at {self._url}")
         channel = await self._declaring_channel()
         return await channel.get_queue(physical, ensure=False), False
 

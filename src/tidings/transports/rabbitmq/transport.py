@@ -4,10 +4,13 @@ Every publish is persistent and waits for the broker's confirm; many publishes c
 on the one publishing channel at once, so concurrent callers are confirmed in a pipeline. Each
 `receive()` consumes on a channel of its own with manual acks. After a lost connection aio-pika
 reconnects and reopens the channels, and each consumer starts again on its reopened channel
-(`rabbitmq_consumer`); a publish waits for that (up to
-`publish_timeout`), and a publish that was in flight when the connection went raises
-`PublishNotConfirmed`, to be published again by the caller. The topology is in
-`rabbitmq_topology` and docs/rabbitmq.md.
+(`consumer`); a publish waits for that (up to `publish_timeout`), and a publish that was in
+flight when the connection went raises `PublishNotConfirmed`, to be published again by the
+caller. The topology is in `topology` and docs/rabbitmq.md.
+
+This module is the top of the package: it owns the connection and the publishing channel, and
+hands `Declarations`, `ErrorQueues` and each `Consumer` the callables and values they need
+(`connection`, `send_now`, ...), so that none of them imports it back.
 """
 
 from __future__ import annotations
@@ -43,12 +46,13 @@ from tidings.errors import (
     TransportError,
 )
 from tidings.transports.base import DeadLetter, Delivery, Transport
-from tidings.transports.rabbitmq_codec import DUE_HEADER, OutgoingMessage, encode_message
-from tidings.transports.rabbitmq_consumer import Consumer
-from tidings.transports.rabbitmq_dead_letters import ErrorQueues
-from tidings.transports.rabbitmq_declarations import Declarations, wait_until_open
-from tidings.transports.rabbitmq_settings import RabbitMQSettings, redact_url
-from tidings.transports.rabbitmq_topology import (
+from tidings.transports.rabbitmq.channels import wait_until_open
+from tidings.transports.rabbitmq.codec import DUE_HEADER, OutgoingMessage, encode_message
+from tidings.transports.rabbitmq.consumer import Consumer
+from tidings.transports.rabbitmq.declarations import Declarations
+from tidings.transports.rabbitmq.error_queues import ErrorQueues
+from tidings.transports.rabbitmq.settings import RabbitMQSettings, redact_url
+from tidings.transports.rabbitmq.topology import (
     MAX_DELAY_MS,
     DelayKind,
     Topology,
@@ -68,8 +72,16 @@ class RabbitMQTransport(Transport):
         self._publisher: AbstractRobustChannel | None = None
         self._consumers: set[Consumer] = set()
         self._opening = asyncio.Lock()
-        self._declarations = Declarations(self)
-        self._error_queues = ErrorQueues(self)
+        self._declarations = Declarations(
+            self.topology, self.connection, url=self.url, reopen_timeout=settings.publish_timeout
+        )
+        self._error_queues = ErrorQueues(
+            self.topology,
+            self.connection,
+            self._declarations.queue_exists,
+            self.send_now,
+            url=self.url,
+        )
 
     @classmethod
     def from_url(cls, url: str) -> RabbitMQTransport:
@@ -138,7 +150,7 @@ class RabbitMQTransport(Transport):
         self._publisher = None
         self._declarations.close()
 
-    # -- topology (see rabbitmq_declarations) -------------------------------------------------
+    # -- topology (see declarations) ----------------------------------------------------------
 
     async def declare_queue(self, queue: str, *, temporary: bool = False) -> None:
         await self._declarations.declare_queue(queue, temporary=temporary)
@@ -281,7 +293,16 @@ class RabbitMQTransport(Transport):
         physical = self.topology.queue(queue)
         if not await self.queue_exists(physical):
             raise NoRoute(f"no queue {queue!r} ({physical}) at {self.url}")
-        consumer = Consumer(self, queue, prefetch)
+        consumer = Consumer(
+            queue,
+            prefetch,
+            url=self.url,
+            requeue_copy=self.requeue_copy,
+            store_dead_letter=self.store_dead_letter,
+            postpone=self.postpone,
+            is_open=lambda: self.is_open,
+            forget=self._consumers.discard,
+        )
         self._consumers.add(consumer)
         try:
             channel: AbstractRobustChannel = await connection.channel(publisher_confirms=False)
@@ -295,10 +316,7 @@ class RabbitMQTransport(Transport):
         finally:
             await consumer.stop()
 
-    def forget(self, consumer: Consumer) -> None:
-        self._consumers.discard(consumer)
-
-    # -- dead letters -------------------------------------------------------------------------
+    # -- dead letters (see error_queues) ------------------------------------------------------
 
     async def dead_letters(self, queue: str, *, limit: int = 100) -> Sequence[DeadLetter]:
         return await self._error_queues.list(queue, limit)

@@ -4,10 +4,15 @@ The channel is an aio-pika robust channel: after a lost connection it reopens an
 again, and the consumer starts consuming on the new channel (`reopen_callbacks`). The consumer
 itself is registered with aiormq, under aio-pika: aio-pika's message objects would only repackage
 what aiormq hands over, at a cost per message. Settling goes through the channel's `ChannelAcks`
-(`rabbitmq_acks`): once per delivery tag, without waiting for the socket to drain. Deliveries
+(`acks`): once per delivery tag, without waiting for the socket to drain. Deliveries
 that arrived on a lost channel are void (the broker has already put them back); those not yet
 handed out are dropped, and settling one already handed out does nothing, because the broker
 redelivers it anyway.
+
+`transport` makes a `Consumer` for each `receive()` and hands it the transport's publishing
+operations a settlement needs (a copy back to the queue, into the error queue, round the delay
+cascade again), whether the transport is still open, and how to unregister; nothing here knows
+the transport.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import AbstractChannel, DeliveredMessage
@@ -24,11 +29,8 @@ from pamqp.commands import Basic
 
 from tidings.errors import TransportClosed, TransportError
 from tidings.transports.base import Delivery
-from tidings.transports.rabbitmq_acks import LOST_CHANNEL_ERRORS, ChannelAcks
-from tidings.transports.rabbitmq_codec import DUE_HEADER, decode_headers
-
-if TYPE_CHECKING:
-    from tidings.transports.rabbitmq import RabbitMQTransport
+from tidings.transports.rabbitmq.acks import LOST_CHANNEL_ERRORS, ChannelAcks
+from tidings.transports.rabbitmq.codec import DUE_HEADER, decode_headers
 
 __all__ = ["Consumer", "RabbitMQDelivery"]
 
@@ -37,6 +39,9 @@ log = logging.getLogger("tidings.transports.rabbitmq")
 # What the buffer holds: a message and the settlements of the channel it came on; or the
 # receiver's cue that the transport closed (None), or that consuming failed (an error).
 _Item = tuple[DeliveredMessage, ChannelAcks] | TransportError | None
+
+#: A confirmed publish of a received message's copy: `(queue, headers, body, delay)`.
+_Republish = Callable[[str, Mapping[str, str], bytes, float], Awaitable[None]]
 
 
 def _delivery_count(message: DeliveredMessage, headers: Mapping[str, Any]) -> int:
@@ -77,17 +82,17 @@ class RabbitMQDelivery(Delivery):
         await self._settle(self._acks.nack)
 
     async def retry_later(self, delay: float, headers: Mapping[str, str]) -> None:
-        transport = self._consumer.transport
+        requeue_copy = self._consumer.requeue_copy
         await self._settle(
             self._acks.ack,
-            first=lambda: transport.requeue_copy(self._consumer.queue, headers, self.body, delay),
+            first=lambda: requeue_copy(self._consumer.queue, headers, self.body, delay),
         )
 
     async def dead_letter(self, headers: Mapping[str, str]) -> None:
-        transport = self._consumer.transport
+        store_dead_letter = self._consumer.store_dead_letter
         await self._settle(
             self._acks.ack,
-            first=lambda: transport.store_dead_letter(self._consumer.queue, headers, self.body),
+            first=lambda: store_dead_letter(self._consumer.queue, headers, self.body),
         )
 
     async def _settle(
@@ -102,7 +107,7 @@ class RabbitMQDelivery(Delivery):
             # The broker took the message back when the channel went: it comes again, with a
             # higher delivery count. Publishing a copy now would only make a duplicate.
             log.warning("%s: delivery from a lost channel not settled; it will be redelivered",
-                        self._consumer.transport.url)  # fmt: skip
+                        self._consumer.url)  # fmt: skip
             self._finish()
             return
         if first is not None:
@@ -116,12 +121,36 @@ class RabbitMQDelivery(Delivery):
 
 
 class Consumer:
-    """The state behind one `receive()` call."""
+    """The state behind one `receive()` call.
 
-    def __init__(self, transport: RabbitMQTransport, queue: str, prefetch: int) -> None:
+    What it gets from the transport: `url` names the broker in logs and errors; `requeue_copy`
+    (a delivery's `retry_later`: the copy goes back to the queue after a delay), `store_dead_letter`
+    (a delivery's `dead_letter`: the copy goes into the error queue, no delay) and `postpone` (a
+    message delayed past the cascade's maximum goes round it again) publish with a confirm, and
+    raise if there is none; `is_open` says whether the transport is still open; `forget` takes
+    this consumer off the transport's list once its channel is done with.
+    """
+
+    def __init__(
+        self,
+        queue: str,
+        prefetch: int,
+        *,
+        url: str,
+        requeue_copy: _Republish,
+        store_dead_letter: Callable[[str, Mapping[str, str], bytes], Awaitable[None]],
+        postpone: _Republish,
+        is_open: Callable[[], bool],
+        forget: Callable[[Consumer], None],
+    ) -> None:
         if prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, not {prefetch}")
-        self.transport = transport
+        self.url = url
+        self.requeue_copy = requeue_copy
+        self.store_dead_letter = store_dead_letter
+        self.postpone = postpone
+        self._is_open = is_open
+        self._forget = forget
         self.queue = queue
         self.prefetch = prefetch
         self._buffer: asyncio.Queue[_Item] = asyncio.Queue()
@@ -166,14 +195,14 @@ class Consumer:
             await self._consume()
         except LOST_CHANNEL_ERRORS as error:
             self._buffer.put_nowait(TransportError(
-                f"{self.transport.url}: cannot consume from {self._physical_queue} again: {error}"
+                f"{self.url}: cannot consume from {self._physical_queue} again: {error}"
             ))  # fmt: skip
 
     def _on_cancel(self, frame: Basic.Cancel) -> None:
         # The broker ended the consumer (its queue was deleted): tell the receiver.
         if frame.consumer_tag == self._consumer_tag and not self._stopping:
             self._buffer.put_nowait(TransportError(
-                f"{self.transport.url}: RabbitMQ cancelled the consumer of {self._physical_queue}"
+                f"{self.url}: RabbitMQ cancelled the consumer of {self._physical_queue}"
             ))  # fmt: skip
 
     async def _on_message(self, message: DeliveredMessage, acks: ChannelAcks) -> None:
@@ -195,7 +224,7 @@ class Consumer:
             item = await self._buffer.get()
             if item is None:
                 self._buffer.put_nowait(None)  # every later call raises too
-                raise TransportClosed(f"{self.transport.url} is closed")
+                raise TransportClosed(f"{self.url} is closed")
             if isinstance(item, TransportError):
                 raise item
             message, acks = item
@@ -228,11 +257,11 @@ class Consumer:
             return False
         tag = message.delivery_tag or 0
         try:
-            await self.transport.postpone(self.queue, headers, message.body, remaining)
+            await self.postpone(self.queue, headers, message.body, remaining)
         except TransportError as error:
             # Not sent round again: give it back, after a pause, so that a broker refusing
             # publishes does not make a hot loop of it.
-            log.warning("%s: could not delay a message again (%s)", self.transport.url, error)
+            log.warning("%s: could not delay a message again (%s)", self.url, error)
             await asyncio.sleep(1.0)
             await acks.nack(tag)
             return True
@@ -253,9 +282,9 @@ class Consumer:
         self._stopping = True
         if self._channel is not None:
             self._channel.reopen_callbacks.discard(self._on_reopen)
-        if not self.transport.is_open:
+        if not self._is_open():
             # Closing the connection gave everything back already.
-            self.transport.forget(self)
+            self._forget(self)
             return
         underlay, tag = self._underlay, self._consumer_tag
         self._consumer_tag = None
@@ -271,7 +300,7 @@ class Consumer:
 
     async def _close_channel(self) -> None:
         channel, self._channel = self._channel, None
-        self.transport.forget(self)
+        self._forget(self)
         if channel is not None and not channel.is_closed:
             await _quietly(channel.close())
 

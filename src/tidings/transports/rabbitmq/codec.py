@@ -19,7 +19,7 @@ from typing import Any
 from pamqp.commands import Basic
 
 from tidings.envelope import ATTRIBUTE_NAME
-from tidings.transports.rabbitmq_properties import Properties
+from tidings.transports.rabbitmq.properties import Properties
 
 __all__ = ["DUE_HEADER", "OutgoingMessage", "decode_headers", "encode_message"]
 

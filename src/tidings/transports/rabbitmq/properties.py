@@ -1,9 +1,9 @@
 """AMQP message properties (`basic.publish`'s content header) as tidings messages need them encoded.
 
 pamqp encodes any property of any type through a generic, per-value dispatch. A tidings message
-has a content type, an id, the persistent mode and a table of string headers (see
-`rabbitmq_codec`); encoding just that directly costs half as much on the publish path, byte for
-byte the same. Anything else is left to pamqp.
+has a content type, an id, the persistent mode and a table of string headers (see `codec`, which
+makes them); encoding just that directly costs half as much on the publish path, byte for byte
+the same. Anything else is left to pamqp.
 """
 
 from __future__ import annotations

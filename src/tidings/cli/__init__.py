@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from tidings import dead_letters
+from tidings.cli import dead_letters
 from tidings.errors import TidingsError
 
 __all__ = ["main"]
@@ -40,21 +40,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "run":
-            from tidings.worker import load_bus, run_worker
+            from tidings.cli.worker import load_bus, run_worker
 
             asyncio.run(run_worker(load_bus(args.bus), concurrency=args.concurrency))
         elif args.command == "dead-letters":
             return dead_letters.run_command(args)
         elif args.command == "relay":
-            from tidings.relay import run_relay
-            from tidings.worker import load_bus
+            from tidings.cli.worker import load_bus, run_relay
 
             asyncio.run(run_relay(load_bus(args.bus)))
     except TidingsError as error:
         print(f"tidings: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Running a bus as a worker process: load it by path, consume until SIGINT/SIGTERM.
+"""Running a bus as a worker process (`tidings run`, `tidings relay`): load it by path, work until
+SIGINT/SIGTERM.
 
 On a signal the worker stops taking messages, lets the in-flight handlers finish and settle their
 messages, disconnects and returns (exit code 0). A second signal is not special: the first one is
@@ -8,6 +9,7 @@ already being honoured, and the transports give back whatever is left unsettled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import signal
 import sys
@@ -15,7 +17,7 @@ import sys
 from tidings.bus import Bus
 from tidings.errors import ConfigurationError
 
-__all__ = ["load_bus", "run_worker"]
+__all__ = ["load_bus", "run_relay", "run_worker"]
 
 
 def load_bus(path: str) -> Bus:
@@ -45,6 +47,29 @@ async def run_worker(bus: Bus, *, concurrency: int | None = None) -> None:
     try:
         async with bus:
             await bus.run()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def run_relay(bus: Bus) -> None:
+    """Run `bus`'s outbox relay alone (`tidings relay`) until SIGINT or SIGTERM."""
+    relay = bus.relay
+    if relay is None:
+        raise ConfigurationError(f"service {bus.service!r} has no database: Bus(..., database=engine)")
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        async with bus:
+            relaying = asyncio.create_task(relay.run())
+            waiting = asyncio.create_task(stopping.wait())
+            await asyncio.wait({relaying, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            relaying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relaying
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)

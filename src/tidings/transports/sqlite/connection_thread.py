@@ -1,4 +1,7 @@
-"""The one thread that talks to SQLite for a transport instance, with group commit.
+"""`ConnectionThread`: the one thread that owns a SQLite transport's connection, with group commit.
+
+`SQLiteTransport` (`transport`) submits requests (functions of `queries` taking a `schema.Batch`)
+from the event loop; this thread runs them and resolves their futures on the loop.
 
 Why a thread of our own: stdlib `sqlite3` releases the GIL while SQLite works, and one connection
 on one thread needs no locking. Why group commit: a commit costs far more than a row, so the thread
@@ -32,10 +35,9 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from tidings.errors import ConnectionFailed, TidingsError, TransportClosed, TransportError
-from tidings.transports import sqlite_queries as queries
-from tidings.transports import sqlite_schema as schema
+from tidings.transports.sqlite import queries, schema
 
-__all__ = ["Worker", "listen", "unlisten"]
+__all__ = ["ConnectionThread", "listen", "unlisten"]
 
 log = logging.getLogger("tidings.transports.sqlite")
 
@@ -91,7 +93,7 @@ def _notify(path: str, queues: set[str]) -> None:
 @dataclass(slots=True)
 class _Request(Generic[T]):
     run: Callable[[schema.Batch], T]
-    #: None: nobody waits for the outcome (see `Worker.submit_nowait`).
+    #: None: nobody waits for the outcome (see `ConnectionThread.submit_nowait`).
     future: asyncio.Future[T] | None
     write: bool
 
@@ -127,7 +129,7 @@ def _resolve(outcomes: list[_Outcome]) -> None:
             future.set_exception(value)
 
 
-class Worker:
+class ConnectionThread:
     """Runs requests against one SQLite connection on a thread of its own."""
 
     def __init__(

@@ -18,11 +18,12 @@ Delivery. A consumer claims messages: each claimed row records the instance hold
 deadline (`visible_at`) the instance renews while it lives. A message whose holder died comes
 back when the deadline passes, with `delivery_count` one higher. Publish order is claim order.
 
-Speed. All SQL of one transport instance runs on one thread of its own (`sqlite_worker`), which
-commits whatever requests are waiting in one transaction (group commit); a claim takes up to
-`prefetch` rows at once. A commit wakes receivers in the same process at once; for other processes'
-commits, that thread polls `PRAGMA data_version` (cheap, no lock) every millisecond while messages
-flow, backing off to `max_poll_interval` when idle, and wakes only receivers with something to claim.
+Speed. All SQL of one transport instance (the statements of `queries`, on the tables of `schema`)
+runs on the one thread that owns its connection (`connection_thread`), which commits whatever
+requests are waiting in one transaction (group commit); a claim takes up to `prefetch` rows at
+once. A commit wakes receivers in the same process at once; for other processes' commits, that
+thread polls `PRAGMA data_version` (cheap, no lock) every millisecond while messages flow, backing
+off to `max_poll_interval` when idle, and wakes only receivers with something to claim.
 """
 
 from __future__ import annotations
@@ -41,10 +42,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 from tidings.envelope import Envelope
 from tidings.errors import ConfigurationError, TransportClosed
-from tidings.transports import sqlite_queries as queries
-from tidings.transports import sqlite_schema as schema
 from tidings.transports.base import DeadLetter, Delivery, Transport
-from tidings.transports.sqlite_worker import Worker, listen, unlisten
+from tidings.transports.sqlite import queries, schema
+from tidings.transports.sqlite.connection_thread import ConnectionThread, listen, unlisten
 
 __all__ = ["SQLiteSettings", "SQLiteTransport"]
 
@@ -109,8 +109,8 @@ class _Receiver:
         self.prefetched: deque[schema.Row] = deque()
         self.unsettled = 0
         #: Set when the queue (may) have a visible message: by a commit in this process that
-        #: filled it, by the worker seeing one (another process's commit, a message coming due),
-        #: and by close().
+        #: filled it, by the connection thread seeing one (another process's commit, a message
+        #: coming due), and by close().
         self.wake = asyncio.Event()
         #: Set by a settle (room under the prefetch again), and by close().
         self.room = asyncio.Event()
@@ -189,7 +189,7 @@ class SQLiteTransport(Transport):
         self.url = url if url is not None else f"sqlite:///{settings.path}"
         # Receivers in this process are woken by path, so two spellings of one file must meet.
         self._path = os.path.realpath(settings.path)
-        self._worker: Worker | None = None
+        self._thread: ConnectionThread | None = None
         self._listener: int | None = None
         self._receivers: set[_Receiver] = set()
         self._waiting: set[_Receiver] = set()  # receivers waiting for a wake
@@ -200,22 +200,22 @@ class SQLiteTransport(Transport):
 
     @property
     def is_open(self) -> bool:
-        return self._worker is not None
+        return self._thread is not None
 
     def _submit(self, run: Callable[[schema.Batch], T], *, write: bool = True) -> asyncio.Future[T]:
-        if self._worker is None:
+        if self._thread is None:
             raise TransportClosed(f"{self.url} is not open")
-        return self._worker.submit(run, write=write)
+        return self._thread.submit(run, write=write)
 
     def _submit_nowait(self, run: Callable[[schema.Batch], None]) -> None:
-        if self._worker is None:
+        if self._thread is None:
             raise TransportClosed(f"{self.url} is not open")
-        self._worker.submit_nowait(run)
+        self._thread.submit_nowait(run)
 
     async def open(self) -> None:
-        if self._worker is not None:
+        if self._thread is not None:
             return
-        worker = Worker(
+        thread = ConnectionThread(
             path=self.settings.path,
             url=self.url,
             instance=uuid.uuid4().hex,
@@ -225,8 +225,8 @@ class SQLiteTransport(Transport):
             max_poll_interval=self.settings.max_poll_interval,
             on_ready=self._wake_receivers,
         )
-        await worker.start()
-        self._worker = worker
+        await thread.start()
+        self._thread = thread
         self._listener = listen(self._path, asyncio.get_running_loop(), self._wake_receivers)
 
     def _wake_receivers(self, queues: set[str]) -> None:
@@ -235,17 +235,17 @@ class SQLiteTransport(Transport):
                 receiver.wake.set()
 
     async def close(self) -> None:
-        worker = self._worker
-        if worker is None:
+        thread = self._thread
+        if thread is None:
             return
-        # Submitted before the worker is marked closed, and run after everything already queued.
+        # Submitted before the thread is marked closed, and run after everything already queued.
         prefetched = [
             (receiver.queue, row.seq, row.delivery_count)
             for receiver in self._receivers
             for row in receiver.prefetched
         ]
-        closing = worker.submit(partial(queries.close_instance, prefetched=prefetched))
-        self._worker = None
+        closing = thread.submit(partial(queries.close_instance, prefetched=prefetched))
+        self._thread = None
         if self._listener is not None:
             unlisten(self._path, self._listener)
             self._listener = None
@@ -257,7 +257,7 @@ class SQLiteTransport(Transport):
         try:
             await closing
         finally:
-            await worker.stop()
+            await thread.stop()
 
     async def declare_queue(self, queue: str, *, temporary: bool = False) -> None:
         await self._submit(partial(queries.declare_queue, queue=queue, temporary=temporary))
@@ -307,22 +307,22 @@ class SQLiteTransport(Transport):
             self._receivers.discard(receiver)
             self._waiting.discard(receiver)
             self._watch()
-            if receiver.prefetched and self._worker is not None:
+            if receiver.prefetched and self._thread is not None:
                 rows = [(row.seq, row.delivery_count) for row in receiver.prefetched]
                 receiver.prefetched.clear()
                 # Submitted before awaiting: the rows go back even if this task is cancelled.
                 await self._submit(partial(queries.release, queue=queue, rows=rows, handed_out=False))
 
     def _watch(self) -> None:
-        # Only receivers waiting for a wake need the worker to watch other processes' commits: a
+        # Only receivers waiting for a wake need the thread to watch other processes' commits: a
         # busy one claims again by itself, and looks on its behalf would only take the GIL.
-        if self._worker is not None:
-            self._worker.watch(frozenset(receiver.queue for receiver in self._waiting))
+        if self._thread is not None:
+            self._thread.watch(frozenset(receiver.queue for receiver in self._waiting))
 
     async def _next_row(self, receiver: _Receiver) -> schema.Row:
         """The next claimed row, once `receiver` has room under its prefetch."""
         while True:
-            if self._worker is None:
+            if self._thread is None:
                 raise TransportClosed(f"{self.url} is closed")
             if receiver.prefetched:
                 return receiver.prefetched.popleft()
@@ -342,7 +342,7 @@ class SQLiteTransport(Transport):
             # Cleared before the claim, so that a wake during the claim is not lost.
             receiver.wake.clear()
             rows = await self._claim(receiver.queue, room)
-            if self._worker is None:
+            if self._thread is None:
                 continue  # close() already gave these rows back
             receiver.prefetched.extend(rows)
             receiver.claim_now = len(rows) == room
@@ -358,7 +358,7 @@ class SQLiteTransport(Transport):
             raise
 
     def _give_back(self, queue: str, future: asyncio.Future[list[schema.Row]]) -> None:
-        if future.cancelled() or future.exception() is not None or self._worker is None:
+        if future.cancelled() or future.exception() is not None or self._thread is None:
             return
         rows = [(row.seq, row.delivery_count) for row in future.result()]
         if rows:

@@ -4,26 +4,28 @@ AMQP has no way to look at a message without taking it, so listing takes message
 `basic.get` on a channel of its own and then closes that channel: the broker puts back everything
 the channel held. A quorum queue takes them back asynchronously, so the call waits until they are
 ready again: a replay right after a listing finds them.
+
+`transport` makes one `ErrorQueues` and hands it what it needs: the topology (the names of the
+error queues), a callable that returns the open connection, the lookup of whether a queue exists
+(`Declarations.queue_exists`) and the confirmed send to a queue that a replay publishes with.
+Nothing here knows the transport.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
 from tidings.errors import NoRoute, TransportError
 from tidings.headers import FAULT_PREFIX, strip_fault_headers
 from tidings.transports.base import DeadLetter
-from tidings.transports.rabbitmq_codec import decode_headers, encode_message
-from tidings.transports.rabbitmq_declarations import scratch_channel
-
-if TYPE_CHECKING:
-    from tidings.transports.rabbitmq import RabbitMQTransport
+from tidings.transports.rabbitmq.channels import scratch_channel
+from tidings.transports.rabbitmq.codec import OutgoingMessage, decode_headers, encode_message
+from tidings.transports.rabbitmq.topology import Topology
 
 __all__ = ["ErrorQueues"]
 
@@ -36,10 +38,27 @@ _ERRORS = (AMQPError, ChannelInvalidStateError)
 
 
 class ErrorQueues:
-    """The dead-letter operations of one `RabbitMQTransport`."""
+    """The dead-letter operations of one RabbitMQ transport.
 
-    def __init__(self, transport: RabbitMQTransport) -> None:
-        self._transport = transport
+    `connection` returns the transport's open connection, or raises `TransportClosed`;
+    `queue_exists` says whether RabbitMQ has a queue (by its RabbitMQ name); `send_now` publishes
+    a message to a queue of the port and waits for the confirm; `url` names the broker in errors.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        connection: Callable[[], AbstractRobustConnection],
+        queue_exists: Callable[[str], Awaitable[bool]],
+        send_now: Callable[[OutgoingMessage, str], Awaitable[None]],
+        *,
+        url: str,
+    ) -> None:
+        self._topology = topology
+        self._connection = connection
+        self._queue_exists = queue_exists
+        self._send_now = send_now
+        self._url = url
 
     @contextlib.asynccontextmanager
     async def _reading(self, queue: str) -> AsyncIterator[tuple[AbstractQueue, int]]:
@@ -48,21 +67,20 @@ class ErrorQueues:
         On the way out the channel closes, and the call waits until the messages that were
         taken and not acked are back.
         """
-        transport = self._transport
-        physical = transport.topology.error_queue(queue)
-        if not await transport.queue_exists(physical):
-            raise NoRoute(f"no queue {queue!r} at {transport.url}")
+        physical = self._topology.error_queue(queue)
+        if not await self._queue_exists(physical):
+            raise NoRoute(f"no queue {queue!r} at {self._url}")
         try:
-            async with scratch_channel(transport.connection()) as channel:
+            async with scratch_channel(self._connection()) as channel:
                 amqp_queue = await channel.declare_queue(physical, passive=True)
                 yield amqp_queue, amqp_queue.declaration_result.message_count or 0
         except _ERRORS as error:
-            raise TransportError(f"{transport.url}: error queue {physical}: {error}") from None
+            raise TransportError(f"{self._url}: error queue {physical}: {error}") from None
 
     async def _wait_until_back(self, physical: str, ready: int) -> None:
         try:
             async with (
-                scratch_channel(self._transport.connection()) as channel,
+                scratch_channel(self._connection()) as channel,
                 asyncio.timeout(_GIVE_BACK_WAIT),
             ):
                 while True:
@@ -114,7 +132,7 @@ class ErrorQueues:
 
     async def _replay_one(self, queue: str, message: AbstractIncomingMessage) -> None:
         headers = strip_fault_headers(dead_letter_headers(message))
-        await self._transport.send_now(encode_message(headers, message.body), queue)
+        await self._send_now(encode_message(headers, message.body), queue)
 
     async def purge(self, queue: str) -> int:
         async with self._reading(queue) as (amqp_queue, _):

@@ -21,7 +21,7 @@ from enum import StrEnum
 from typing import Any
 
 from tidings.transports.base import error_queue_of
-from tidings.transports.rabbitmq_settings import QueueType, RabbitMQSettings
+from tidings.transports.rabbitmq.settings import QueueType, RabbitMQSettings
 
 __all__ = ["DELAY_LEVELS", "MAX_DELAY_MS", "DelayKind", "Topology"]
 
