@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import uuid
@@ -20,9 +21,11 @@ _host, _, _port = os.environ.get("TIDINGS_TEST_RABBITMQ", "").rpartition(":")
 RABBITMQ_HOST = (_host, int(_port)) if _host else ("127.0.0.1", 5672)
 #: The broker's node name for `rabbitmqctl -n`, when it is not the default one.
 RABBITMQ_NODE = os.environ.get("TIDINGS_TEST_RABBITMQ_NODE")
-#: Every transport, and those whose systems span OS processes (memory:// lives in one process).
-TRANSPORTS = ["memory", "sqlite", "rabbitmq"]
-DURABLE_TRANSPORTS = ["sqlite", "rabbitmq"]
+#: Every transport, and those whose systems span OS processes (memory:// lives in one process). The
+#: RabbitMQ parameter carries the `rabbitmq` marker: `pytest -m "not rabbitmq"` needs no broker.
+_RABBITMQ = pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)
+TRANSPORTS = ["memory", "sqlite", _RABBITMQ]
+DURABLE_TRANSPORTS = ["sqlite", _RABBITMQ]
 POSTGRES_HOST = ("127.0.0.1", 5432)
 
 
@@ -76,12 +79,25 @@ def rabbitmq_system_url(prefix: str = "ns") -> str:
 def rabbitmqctl(*args: str) -> str:
     """Run `rabbitmqctl` against the test broker; its output, or `RuntimeError`."""
     node = ["-n", RABBITMQ_NODE] if RABBITMQ_NODE else []
-    done = subprocess.run(
-        ["rabbitmqctl", "-q", *node, *args], capture_output=True, text=True, timeout=120, check=False
+    # In a session of its own, so that a timeout ends the whole CLI (rabbitmqctl runs `su`, a shell
+    # and an Erlang VM): a VM left behind keeps its distribution port, and enough of them make every
+    # later rabbitmqctl fail to start.
+    process = subprocess.Popen(
+        ["rabbitmqctl", "-q", *node, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr or done.stdout}")
-    return done.stdout
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    if process.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {stderr or stdout}")
+    return stdout
 
 
 def add_vhost(name: str) -> None:
@@ -113,6 +129,14 @@ def session_vhost() -> str:
             add_vhost(name)
             _session_vhost = name  # deleted when the session ends
     return _session_vhost
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs RabbitMQ `rabbitmq`: its module, its parameter or its fixture says so."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "rabbitmq" in item.nodeid.lower() or "rabbitmq_url" in fixtures:
+            item.add_marker(pytest.mark.rabbitmq)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

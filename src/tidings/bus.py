@@ -17,7 +17,6 @@ for its messages, so each message is handled by one instance.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine
@@ -81,6 +80,7 @@ class Bus:
         database: AsyncEngine | None = None,
         outbox_settings: OutboxSettings | None = None,
         inbox_settings: InboxSettings | None = None,
+        shutdown_grace: float = 30.0,
     ) -> None:
         if not isinstance(service, str) or not service.strip():
             raise ConfigurationError("a Bus needs a non-empty service name")
@@ -92,6 +92,8 @@ class Bus:
             ) from None
         if concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
+        if not shutdown_grace >= 0:
+            raise ConfigurationError("shutdown_grace must be 0 seconds or more")
         self.service = service
         if transport is None:
             transport = os.environ.get("TIDINGS_TRANSPORT", DEFAULT_TRANSPORT)
@@ -101,6 +103,9 @@ class Bus:
         self.retry = retry or RetryPolicy()
         self.max_deliveries = max_deliveries
         self.max_body_size = max_body_size
+        #: Seconds a stopping `run()` gives its in-flight handlers to finish before it cancels them
+        #: and releases their messages (a second `stop()`, e.g. a second signal, ends it at once).
+        self.shutdown_grace = shutdown_grace
         self._stats = Stats()
         self._handlers = Handlers(middleware=list(middleware))
         #: With a database: the transactional outbox (`session=`), its relay, and the inbox
@@ -118,6 +123,9 @@ class Bus:
         self._requests = Requests(self._sender, self.transport, max_body_size=max_body_size)
         self._open = False
         self._stopping: asyncio.Event | None = None
+        self._hurry: asyncio.Event | None = None
+        # Set while a run() is going on: close() waits for it to settle its messages.
+        self._run_over: asyncio.Event | None = None
         # A stop asked for before run() got going must not be lost (run() checks this first).
         self._stop_requested = False
         self._background: set[asyncio.Future[None]] = set()
@@ -201,9 +209,17 @@ class Bus:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect and declare this service's queue and bindings. Consumes nothing yet."""
+        """Connect and declare this service's queue and bindings. Consumes nothing yet.
+
+        With a database it first checks that the outbox and inbox tables exist: a
+        `ConfigurationError` says how to create them, before anything is consumed.
+        """
         if self._open:
             return
+        if self.database is not None:
+            from tidings.storage import require_tables
+
+            await require_tables(self.database)
         await self.transport.open()
         self._open = True
         self._stop_requested = False
@@ -214,13 +230,16 @@ class Bus:
         await self._requests.open()  # replies are consumed while open, whether run() is or not
 
     async def close(self) -> None:
-        """Ask `run()` to stop, stop consuming replies (waiting requests fail with
-        `TransportClosed`), and disconnect the transport.
+        """Stop `run()` cleanly, then disconnect.
 
-        It does not wait for a `run()` in another task: stop it and await it first (`bus.stop()`,
-        then the task), so that its in-flight handlers settle before the transport goes away.
+        A `run()` going on (in another task, as in a web app's lifespan) stops taking messages and
+        lets its in-flight handlers finish and settle theirs (within `shutdown_grace`; then they
+        are cancelled and their messages released); only then is the transport closed. Requests
+        still waiting for a reply fail with `TransportClosed`.
         """
-        self.stop()
+        self._request_stop()
+        if self._run_over is not None:
+            await self._run_over.wait()
         if self._open:
             self._open = False
             await self._requests.close()
@@ -239,9 +258,15 @@ class Bus:
         await self.close()
 
     async def run(self) -> None:
-        """Consume this service's queue until `stop()`, cancellation or a signal."""
+        """Consume this service's queue until `stop()`, `close()`, cancellation or a signal.
+
+        It returns (or raises the consumer's error) only once every task it started has ended: the
+        consumer with its handlers, and with a database the relay and the inbox clean-up.
+        """
         await self.start()
         self._stopping = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._run_over = asyncio.Event()
         if self._stop_requested:
             self._stopping.set()
         consuming = asyncio.create_task(
@@ -251,6 +276,8 @@ class Bus:
                 self._get_pipeline().process,
                 concurrency=self.concurrency,
                 prefetch=self.prefetch,
+                grace=self.shutdown_grace,
+                hurry=self._hurry,
             )
         )
         stopping = asyncio.create_task(self._stopping.wait())
@@ -260,13 +287,17 @@ class Bus:
         finally:
             stopping.cancel()
             consuming.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await consuming
+            # Every task ends before run() does, whatever the consumer ended with.
+            (ended,) = await asyncio.gather(consuming, return_exceptions=True)
             for task in storage:  # after the handlers: the relay ships what they wrote meanwhile
                 task.cancel()
             await asyncio.gather(*storage, return_exceptions=True)
-            self._stopping = None
+            self._stopping = self._hurry = None
             self._stop_requested = False
+            self._run_over.set()
+            self._run_over = None
+        if isinstance(ended, Exception):
+            raise ended
 
     def _storage_jobs(self) -> list[Coroutine[Any, Any, None]]:
         if self.relay is None or self.inbox is None:
@@ -282,7 +313,17 @@ class Bus:
         await create_tables(self.database)
 
     def stop(self) -> None:
-        """Ask `run()` to stop taking messages; it returns once in-flight ones are settled."""
+        """Ask `run()` to stop taking messages; it returns once in-flight ones are settled.
+
+        Asked again while `run()` is stopping (a second SIGINT/SIGTERM under `tidings run`), it
+        ends the shutdown grace at once: handlers still running are cancelled, their messages
+        released.
+        """
+        if self._stopping is not None and self._stopping.is_set() and self._hurry is not None:
+            self._hurry.set()
+        self._request_stop()
+
+    def _request_stop(self) -> None:
         self._stop_requested = True
         if self._stopping is not None:
             self._stopping.set()

@@ -24,6 +24,7 @@ from tidings.errors import DecodeError
 __all__ = [
     "ATTRIBUTE_NAME",
     "DEFAULT_MAX_BODY_SIZE",
+    "MAX_MESSAGE_ID_LENGTH",
     "Envelope",
     "decode_body",
     "new_message_id",
@@ -32,6 +33,9 @@ __all__ = [
 SPEC_VERSION = "1.0"
 JSON = "application/json"
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
+#: The longest message id accepted (AMQP's message-id is a shortstr, at most 255 bytes); the inbox
+#: and outbox columns hold this many characters. A longer id is refused when the envelope is read.
+MAX_MESSAGE_ID_LENGTH = 255
 
 # A CloudEvents attribute (or extension) name: lower-case letters and digits only. Header keys of any
 # other shape (`tidings-attempt`, `x-user`) are plain headers, not CloudEvents attributes.
@@ -120,6 +124,13 @@ class Envelope:
                     headers=headers,
                     body=body,
                 )
+        if len(headers["id"]) > MAX_MESSAGE_ID_LENGTH:
+            raise DecodeError(
+                "bad-attribute",
+                f"id is {len(headers['id'])} characters long, more than {MAX_MESSAGE_ID_LENGTH}",
+                headers=headers,
+                body=body,
+            )
         if headers["specversion"] != SPEC_VERSION:
             raise DecodeError(
                 "bad-attribute",

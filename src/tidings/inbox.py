@@ -27,14 +27,13 @@ import logging
 from typing import Any
 
 from sqlalchemy import insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from tidings.context import Context
-from tidings.errors import Unavailable
+from tidings.errors import TransportError, Unavailable
 from tidings.handlers import Next
 from tidings.messages import Message, Reply
-from tidings.shutdown import finish_then_cancel
 from tidings.stats import Stats
 from tidings.storage import inbox_table, utc_now
 from tidings.storage.crashpoints import crash_point
@@ -46,6 +45,14 @@ __all__ = ["Inbox", "InboxSettings"]
 log = logging.getLogger("tidings.inbox")
 
 _columns = inbox_table.c
+
+
+class _HandlerRaised(Exception):
+    """Carries a handler's own exception past `translate_errors` and out of the transaction."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class Inbox:
@@ -73,24 +80,38 @@ class Inbox:
             return await self._handle(ctx, message, call_next)
 
     async def _handle(self, ctx: Context, message: Message, call_next: Next) -> Any:
-        with translate_errors():
-            async with self.sessions() as session:
-                async with session.begin():
-                    if not await self._record(session, ctx.message_id):
-                        self.stats.duplicates += 1
-                        log.info("%s %s was handled before: acknowledged", ctx.envelope.type, ctx.message_id)
-                        return None
-                    ctx.session = session
-                    try:
-                        result = await call_next(ctx, message)
-                        if isinstance(result, Reply):
-                            # The reply is one of the messages the handler emits: same transaction.
-                            await ctx.reply(result)
-                            result = None
-                    finally:
-                        ctx.session = None
-                crash_point("inbox-after-commit")
-        return result
+        try:
+            # Connecting, the inbox insert and the commit: a failure there is the database's.
+            with translate_errors():
+                async with self.sessions() as session:
+                    async with session.begin():
+                        if not await self._record(session, ctx.message_id):
+                            self.stats.duplicates += 1
+                            log.info(
+                                "%s %s was handled before: acknowledged", ctx.envelope.type, ctx.message_id
+                            )
+                            return None
+                        ctx.session = session
+                        try:
+                            result = await call_next(ctx, message)
+                            if isinstance(result, Reply):
+                                # The reply is one of the messages the handler emits: same transaction.
+                                await ctx.reply(result)
+                                result = None
+                        except (SQLAlchemyError, Unavailable, TransportError):
+                            raise  # the database (translated above) or the transport: an outage
+                        except Exception as error:
+                            # The handler's own failure, even an OSError or a TimeoutError (an HTTP
+                            # call, a file): it follows the retry policy, it is no database outage.
+                            raise _HandlerRaised(error) from error
+                        finally:
+                            ctx.session = None
+                    crash_point("inbox-after-commit")
+        except _HandlerRaised as raised:
+            failure: Exception = raised.error
+        else:
+            return result
+        raise failure  # outside the except block: the handler's exception as it was raised
 
     async def _record(self, session: AsyncSession, message_id: str) -> bool:
         """Insert the inbox record; False if (service, message id) is recorded already."""
@@ -120,8 +141,7 @@ class Inbox:
         """Run `clean_up` every `cleanup_interval` seconds until cancelled (`Bus.run()` does)."""
         while True:
             try:
-                # Not cut off mid-DELETE by a stop: the driver would answer a loop that may be gone.
-                deleted = await finish_then_cancel(self.clean_up())
+                deleted = await self.clean_up()  # a stop ends it after the batch in progress
                 if deleted:
                     log.info("inbox of %s: %d records past the dedup window deleted", self.service, deleted)
             except Unavailable as error:

@@ -33,8 +33,10 @@ __all__ = ["DeadLetterHook", "Pipeline"]
 
 log = logging.getLogger("tidings.pipeline")
 
-#: How long a message waits before it is tried again when a dependency was unavailable.
+#: How long a message waits before it is tried again when a dependency was unavailable: the first
+#: wait of an outage, doubled for each further unavailable attempt in a row, up to the longest.
 UNAVAILABLE_DELAY = 1.0
+MAX_UNAVAILABLE_DELAY = 30.0
 
 #: Told of each message dead-lettered after it was decoded (request/reply sends a fault reply).
 DeadLetterHook = Callable[[Envelope, Mapping[str, str]], Awaitable[None]]
@@ -64,6 +66,8 @@ class Pipeline:
         self.max_body_size = max_body_size
         self.max_deliveries = max_deliveries
         self.on_dead_letter = on_dead_letter
+        # Unavailable attempts in a row (across messages): an outage, waited out with backoff.
+        self._outage_streak = 0
 
     async def process(self, delivery: Delivery, queue: str) -> None:
         """Handle and settle one delivery. Never raises: a failure to settle is logged."""
@@ -145,9 +149,7 @@ class Pipeline:
                 return
             except (Unavailable, TransportError) as error:
                 # Not the handler's fault: back for later, the attempt not counted.
-                self.stats.unavailable += 1
-                log.warning("%s unavailable, message %s back to %s", error, envelope.id, queue)
-                await delivery.retry_later(UNAVAILABLE_DELAY, delivery.headers)
+                await delivery.retry_later(self._outage_delay(error, envelope, queue), delivery.headers)
                 return
             except Exception as error:
                 self.stats.failed_attempts += 1
@@ -193,7 +195,20 @@ class Pipeline:
             else:
                 await delivery.ack()
                 self.stats.handled += 1
+                if self._outage_streak:
+                    log.info("%s: handling again after %d unavailable attempts", queue, self._outage_streak)
+                    self._outage_streak = 0
                 return
+
+    def _outage_delay(self, error: BaseException, envelope: Envelope, queue: str) -> float:
+        """Count an unavailable attempt and say how long its message waits (one log line an outage)."""
+        self.stats.unavailable += 1
+        self._outage_streak += 1
+        if self._outage_streak == 1:
+            log.warning("%s: %s; messages go back for later until it recovers", queue, error)
+        else:
+            log.debug("%s unavailable, message %s back to %s", error, envelope.id, queue)
+        return float(min(MAX_UNAVAILABLE_DELAY, UNAVAILABLE_DELAY * 2 ** min(self._outage_streak - 1, 10)))
 
     async def _call(self, ctx: Context, message: Message, registration: Registration) -> Any:
         middleware = self.handlers.middleware

@@ -221,9 +221,10 @@ async def test_a_database_that_is_down_puts_the_message_back_uncounted(kind: str
 
 
 async def test_a_programming_error_on_sqlite_is_a_failure_not_unavailable(tmp_path: Path) -> None:
-    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/db.sqlite")  # no tables at all
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/db.sqlite")  # no domain tables
     calls: list[int] = []
     bus = accounts_bus(engine, memory_url(), calls, retry=RetryPolicy(immediate=0, delays=()))
+    await bus.create_tables()  # the inbox works; the handler's INSERT finds no table
     try:
         async with running(bus):
             await send_raw(bus, Credit(account="a", seq=1))

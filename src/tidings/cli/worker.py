@@ -2,8 +2,9 @@
 SIGINT/SIGTERM.
 
 On a signal the worker stops taking messages, lets the in-flight handlers finish and settle their
-messages, disconnects and returns (exit code 0). A second signal is not special: the first one is
-already being honoured, and the transports give back whatever is left unsettled.
+messages (within the bus's `shutdown_grace`), disconnects and returns (exit code 0). A second
+signal ends the grace at once: the handlers still running are cancelled and their messages
+released, for another instance to handle.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ where SQLAlchemy drops the offset: always pass UTC, read back through `as_utc`).
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
 from sqlalchemy import (
@@ -27,11 +28,26 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    inspect,
     text,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["as_utc", "create_tables", "inbox_table", "metadata", "outbox_table", "utc_now"]
+from tidings.envelope import MAX_MESSAGE_ID_LENGTH
+from tidings.errors import ConfigurationError, Unavailable
+
+__all__ = [
+    "as_utc",
+    "create_tables",
+    "inbox_table",
+    "metadata",
+    "outbox_table",
+    "require_tables",
+    "utc_now",
+]
+
+log = logging.getLogger("tidings.storage")
 
 metadata = MetaData()
 
@@ -46,7 +62,8 @@ outbox_table = Table(
     Column("id", _Id, primary_key=True, autoincrement=True),
     #: The service whose bus wrote the row: its relay (and only it) ships the row.
     Column("service", String(255), nullable=False),
-    Column("message_id", String(64), nullable=False),
+    #: Up to `MAX_MESSAGE_ID_LENGTH` (255): any id an AMQP peer may send (a shortstr).
+    Column("message_id", String(MAX_MESSAGE_ID_LENGTH), nullable=False),
     #: `Envelope.to_headers()` as a JSON object.
     Column("headers", Text, nullable=False),
     Column("body", LargeBinary, nullable=False),
@@ -91,7 +108,7 @@ inbox_table = Table(
     metadata,
     # The primary key is the dedup: a second insert of (service, message id) is a duplicate.
     Column("service", String(255), primary_key=True),
-    Column("message_id", String(64), primary_key=True),
+    Column("message_id", String(MAX_MESSAGE_ID_LENGTH), primary_key=True),
     Column("handled_at", DateTime(timezone=True), nullable=False),
     Index("ix_tidings_inbox_handled_at", "service", "handled_at"),
 )
@@ -104,6 +121,36 @@ async def create_tables(engine: AsyncEngine) -> None:
     with translate_errors():
         async with engine.begin() as connection:
             await connection.run_sync(metadata.create_all)
+
+
+async def require_tables(engine: AsyncEngine) -> None:
+    """`ConfigurationError` naming the missing tables, and how to create them, if any is missing.
+
+    A bus started without its tables would consume messages only to fail each one (and log a
+    traceback for every try); failing at start says what to do instead. A database that does not
+    answer is not checked (logged): the bus starts and waits the outage out.
+    """
+    from tidings.storage.database import translate_errors
+
+    def missing(connection: Connection) -> list[str]:
+        tables = inspect(connection)
+        return [table.name for table in metadata.sorted_tables if not tables.has_table(table.name)]
+
+    try:
+        with translate_errors():
+            async with engine.connect() as connection:
+                absent = await connection.run_sync(missing)
+    except Unavailable as error:
+        # Services start in any order: a database that is down now is an outage, waited out per
+        # message (`Stats.unavailable`), not a reason to refuse to start.
+        log.warning("could not check the outbox and inbox tables: %s", error)
+        return
+    if absent:
+        raise ConfigurationError(
+            f"the database {engine.url.render_as_string(hide_password=True)!r} has no table "
+            f"{', '.join(absent)}: run `await bus.create_tables()` once, or add `tidings.storage.metadata` "
+            "to your migrations (docs/outbox-inbox.md)"
+        )
 
 
 def utc_now() -> datetime:

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.sql.dml import Insert
 
 from tidings.errors import ConfigurationError, Unavailable
+from tidings.shutdown import finish_then_cancel
 
 __all__ = [
     "check_session",
@@ -124,17 +125,23 @@ async def delete_in_batches(
     (`begin()` opens one); returns how many.
 
     Bounded batches keep each transaction (and its locks) short; `SKIP LOCKED` leaves rows that
-    another cleaner is deleting to it, and the loop lets other work run between batches.
+    another cleaner is deleting to it, and the loop lets other work run between batches. Cancelled,
+    it ends after the batch in progress, so a stopping bus never waits for the whole backlog.
     """
-    total = 0
-    while True:
-        batch = select(key).where(*conditions).limit(batch_size).with_for_update(skip_locked=True)
+    batch = select(key).where(*conditions).limit(batch_size).with_for_update(skip_locked=True)
+    statement = delete(table).where(*conditions, key.in_(batch.scalar_subquery()))
+
+    async def one_batch() -> int:
         with translate_errors():
             async with begin() as connection:
-                result = await connection.execute(
-                    delete(table).where(*conditions, key.in_(batch.scalar_subquery()))
-                )
-        total += result.rowcount
-        if result.rowcount < batch_size:
+                return int((await connection.execute(statement)).rowcount)
+
+    total = 0
+    while True:
+        # A stop lets the DELETE in progress finish (the driver would otherwise answer a loop that
+        # may be gone) but not the backlog: it lands between batches.
+        deleted = await finish_then_cancel(one_batch())
+        total += deleted
+        if deleted < batch_size:
             return total
         await asyncio.sleep(0)

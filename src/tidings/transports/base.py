@@ -20,9 +20,10 @@ The contract (every implementation passes `tests/conformance/`):
   When the iterator is closed, deliveries it held but never yielded go back to the queue.
 - A delivery is settled exactly once: `ack` (done), `retry_later` (back on its queue with new
   headers after a delay, counted as a new delivery), `dead_letter` (to the error queue with new
-  headers) or `release` (back on the queue now, unhandled). A delivery that is never settled (the
-  process died) comes back after the transport's visibility timeout or connection loss, with
-  `delivery_count` increased.
+  headers) or `release` (back on the queue now, unhandled); settling it again does nothing (a
+  shutdown releases what it cut off without knowing whether it settled). A delivery that is never
+  settled (the process died) comes back after the transport's visibility timeout or connection
+  loss, with `delivery_count` increased.
 - Dead letters can be listed, replayed onto their queue with their original id, and purged.
 """
 

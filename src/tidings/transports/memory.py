@@ -98,8 +98,13 @@ class _MemoryDelivery(Delivery):
         self._transport = transport
         self._queue = queue
         self._item = item
+        self._settled = False
 
-    def _settle(self) -> _Queue:
+    def _settle(self) -> _Queue | None:
+        """The queue, the first time; None when settled before (a second settle does nothing)."""
+        if self._settled:
+            return None
+        self._settled = True
         self._transport._unsettled.pop(id(self), None)
         queue = self._transport.broker.queue(self._queue)
         queue.changed.set()  # a receiver waiting for room under its prefetch may go on
@@ -109,15 +114,16 @@ class _MemoryDelivery(Delivery):
         self._settle()
 
     async def retry_later(self, delay: float, headers: Mapping[str, str]) -> None:
-        queue = self._settle()
-        queue.put(_Stored(dict(headers), self.body), _clock() + delay if delay > 0 else 0.0)
+        if (queue := self._settle()) is not None:
+            queue.put(_Stored(dict(headers), self.body), _clock() + delay if delay > 0 else 0.0)
 
     async def dead_letter(self, headers: Mapping[str, str]) -> None:
-        self._settle()
-        self._transport.broker.queue(error_queue_of(self._queue)).put(_Stored(dict(headers), self.body))
+        if self._settle() is not None:
+            self._transport.broker.queue(error_queue_of(self._queue)).put(_Stored(dict(headers), self.body))
 
     async def release(self) -> None:
-        self._settle().put_back(self._item)
+        if (queue := self._settle()) is not None:
+            queue.put_back(self._item)
 
 
 class MemoryTransport(Transport):
