@@ -58,7 +58,7 @@ _BUSY_GRACE = 0.2
 
 # -- waking receivers in this process -------------------------------------------------------------
 # A commit that puts messages in queues wakes the receivers of those queues in this process at once;
-# other processes notice by polling (see `SQLiteTransport.receive`).
+# other processes' commits are noticed by the connection thread's looks (`ConnectionThread._look`).
 
 _listeners_lock = threading.Lock()
 _listeners: dict[str, dict[int, tuple[asyncio.AbstractEventLoop, Callable[[set[str]], None]]]] = {}
