@@ -10,14 +10,26 @@ then resolves each caller's future. Concurrent publishes, claims and acks share 
 
 The thread also renews, every lease/3, the claims its instance holds: a handler that runs longer
 than the visibility timeout keeps its message, and so does one that blocks the event loop, since
-the renewal does not need the loop. Only a dead (or frozen) process loses its claims.
+the renewal does not need the loop. Only a dead (or frozen) process loses its claims. The renewal
+also extends the lease on the instance's temporary queues; if it finds that lease gone (the whole
+process stalled past it, and another transport deleted them as orphans), it declares them again,
+so that a reply queue outlives a stall. After a stall the overdue renewal runs before anything else.
+
+Another process holding the write lock beyond `busy_timeout`: publishes, sends and declarations
+fail (`TransportError`), their callers decide; but claims and settles, which nobody upstream can do
+anything useful with a failure of, wait it out. They are tried again with backoff (50 ms doubling
+to 1 s; logged once per episode, and once when the lock is free again): a claim for as long as it
+takes, a settle for one visibility timeout. A settle that fails for good gives up its claims (they
+are no longer renewed), so the message comes back after the visibility timeout.
 
 And it watches, for the queues its receivers wait on, what other processes commit: `PRAGMA
 data_version` (a read of shared memory, no lock) says whether anyone else committed since the last
 look; only then, or when a held-back or claimed message comes due, does it look at those queues,
-and it wakes the receivers only of queues with a visible message. It looks every millisecond while
-messages flow and backs off to `max_poll_interval` when they stop. The event loop is not woken
-for a look that finds nothing, so an idle consumer costs next to nothing.
+and it wakes the receivers only of queues with a visible message. When a message comes due is known
+from this instance's own claims (the first visible_at left in the queue) and writes (a message put
+in a queue for later, a retry), and from the looks themselves for other processes' writes. It looks
+every millisecond while messages flow and backs off to `max_poll_interval` when they stop. The
+event loop is not woken for a look that finds nothing, so an idle consumer costs next to nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import queue
 import sqlite3
 import threading
@@ -54,6 +67,10 @@ _LAST_PAUSE = 0.002
 #: a stream with hiccups keeps its fast looks, an idle consumer backs off.
 _MIN_POLL_INTERVAL = 0.001
 _BUSY_GRACE = 0.2
+#: Claims and settles that met the write lock held beyond busy_timeout are tried again after a
+#: pause, the first doubling up to the last: contention is waited out without spinning on it.
+_FIRST_BACKOFF = 0.05
+_LAST_BACKOFF = 1.0
 
 
 # -- waking receivers in this process -------------------------------------------------------------
@@ -96,11 +113,24 @@ class _Request(Generic[T]):
     #: None: nobody waits for the outcome (see `ConnectionThread.submit_nowait`).
     future: asyncio.Future[T] | None
     write: bool
+    #: Until when (monotonic) the request is tried again while another process holds the write
+    #: lock; 0: it fails after `busy_timeout` like any other.
+    patient_until: float = 0.0
+    #: The claims (seqs) this request settles: given up if it fails for good, so that they are no
+    #: longer renewed and the messages come back after the visibility timeout.
+    claims: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class _Stop:
     future: asyncio.Future[None]
+
+
+def _deadline(patience: float) -> float:
+    """`patience` seconds from now, monotonic (`math.inf` stays that)."""
+    if patience <= 0:
+        return 0.0
+    return time.monotonic() + patience if math.isfinite(patience) else math.inf
 
 
 def _is_busy(error: BaseException) -> bool:
@@ -163,12 +193,18 @@ class ConnectionThread:
         self._stopped = False
         # The thread's own state: touched by the thread only.
         self._held: dict[int, int] = {}
-        self._owns_temporary = False
+        self._temporary: frozenset[str] = frozenset()  # the temporary queues this instance owns
         self._seen_version: int | None = None
         self._due: dict[str, float] = {}  # queue -> when a message becomes visible (wall clock)
         self._poll_interval = _MIN_POLL_INTERVAL
         self._next_poll = 0.0  # monotonic
         self._last_activity = 0.0  # monotonic
+        # Waiting out another process's write lock: the requests to try again, when, the pause
+        # after the next failure, and since when the database has been locked (None: it is not).
+        self._retrying: list[_Request[Any]] = []
+        self._retry_at = 0.0  # monotonic
+        self._backoff = _FIRST_BACKOFF
+        self._locked_since: float | None = None
 
     async def start(self) -> None:
         """Open the database (create the schema) on the new thread; `ConnectionFailed` if not."""
@@ -180,20 +216,34 @@ class ConnectionThread:
         thread.start()
         await started
 
-    def submit(self, run: Callable[[schema.Batch], T], *, write: bool = True) -> asyncio.Future[T]:
-        """Run `run(batch)` in the next transaction; the future resolves once it committed."""
+    def submit(
+        self,
+        run: Callable[[schema.Batch], T],
+        *,
+        write: bool = True,
+        patience: float = 0.0,
+        claims: tuple[int, ...] = (),
+    ) -> asyncio.Future[T]:
+        """Run `run(batch)` in the next transaction; the future resolves once it committed.
+
+        While another process holds the write lock beyond busy_timeout, the request is tried again
+        (with backoff) for `patience` seconds (`math.inf`: until it commits) before it fails. If it
+        fails, the `claims` it settles are given up."""
         if self._loop is None or self._stopped:
             raise TransportClosed(f"{self._url} is not open")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._enqueue(_Request(run, future, write))
+        self._enqueue(_Request(run, future, write, _deadline(patience), claims))
         return future
 
-    def submit_nowait(self, run: Callable[[schema.Batch], None]) -> None:
+    def submit_nowait(
+        self, run: Callable[[schema.Batch], None], *, patience: float = 0.0, claims: tuple[int, ...] = ()
+    ) -> None:
         """Run `run(batch)` in the next transaction, without waiting for it: for acks, which AMQP
-        does not confirm either. A failure is logged; the message then comes back (at least once)."""
+        does not confirm either. A failure is logged and its `claims` given up: the message then
+        comes back after the visibility timeout (at least once)."""
         if self._loop is None or self._stopped:
             raise TransportClosed(f"{self._url} is not open")
-        self._enqueue(_Request(run, None, True))
+        self._enqueue(_Request(run, None, True, _deadline(patience), claims))
 
     def watch(self, queues: frozenset[str]) -> None:
         """Watch `queues` for other processes' commits and messages coming due (from the loop)."""
@@ -267,7 +317,7 @@ class ConnectionThread:
             lease=self._lease,
             now=time.time(),
             held=self._held,
-            owns_temporary=self._owns_temporary,
+            temporary=self._temporary,
         )
 
     def _main(self, started: asyncio.Future[None]) -> None:
@@ -288,6 +338,9 @@ class ConnectionThread:
             self._stopped = True
         finally:
             connection.close()
+        closed = TransportClosed(f"{self._url} closed while the database was locked by another process")
+        outcomes.extend((request.future, False, closed) for request in self._retrying)
+        self._retrying = []
         failure = TransportError(f"{self._url}: the SQLite transport's thread stopped")
         while True:
             try:
@@ -320,13 +373,20 @@ class ConnectionThread:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     item = None
+            now = time.monotonic()
+            if now >= next_renewal:
+                # Before the requests: after a stall (a stopped process), claims and temporary
+                # queues are reasserted before anything else is done on their behalf.
+                renewed = self._renew(connection)
+                next_renewal = time.monotonic() + (tick if renewed else min(tick, self._backoff))
+            if self._retrying and (requests or now >= self._retry_at):
+                # Requests waiting out a lock go with the next batch: it tries the lock anyway.
+                requests = self._retrying + requests
+                self._retrying = []
             if requests:
                 self._execute(connection, requests)
             if isinstance(item, _Stop):
                 return item
-            if time.monotonic() >= next_renewal:
-                self._renew(connection)
-                next_renewal = time.monotonic() + tick
             if self.watching and self._seconds_to_wait(next_renewal) == 0.0:
                 self._look(connection)
 
@@ -334,6 +394,8 @@ class ConnectionThread:
         """Until the next renewal, look at other processes' commits, or message coming due."""
         now = time.monotonic()
         wake_at = next_renewal
+        if self._retrying:
+            wake_at = min(wake_at, self._retry_at)
         if self.watching:
             wake_at = min(wake_at, self._next_poll)
             first_due = min((self._due.get(queue, 0.0) for queue in self.watching), default=schema.NEVER)
@@ -425,18 +487,25 @@ class ConnectionThread:
         try:
             batch, outcomes = self._transaction(connection, run_all, write=write)
         except Exception as error:
-            if len(requests) > 1 and not _is_busy(error):
+            if _is_busy(error):
+                self._locked()
+                requests = self._wait_for_lock(requests)
+            elif len(requests) > 1:
                 # One bad request must not fail the others: run each in its own transaction.
                 for request in requests:
                     self._execute(connection, [request])
                 return
-            if any(request.future is None for request in requests):
-                log.warning("%s: could not settle a message (it will come back): %s", self._url, error)
-            self._post(_resolve, [(r.future, False, _translate(error, self._url)) for r in requests])
+            self._fail(requests, error)
             return
+        self._unlocked()
         self._held.update(batch.claimed)
-        self._owns_temporary = batch.owns_temporary
+        self._temporary |= batch.declared
         self._due.update(batch.due)
+        for queue_name, visible_at in batch.coming.items():
+            # A message put in a watched queue for later (a retry, a held-back send) comes due
+            # before what the last claim saw: look then. (No entry means: look at once anyway.)
+            if queue_name in self._due:
+                self._due[queue_name] = min(self._due[queue_name], visible_at)
         if batch.claimed:
             self._last_activity = time.monotonic()
         if any(future is not None for future, _, _ in outcomes):
@@ -444,11 +513,68 @@ class ConnectionThread:
         if batch.touched:
             _notify(self._path, batch.touched)
 
-    def _renew(self, connection: sqlite3.Connection) -> None:
-        if not self._held and not self._owns_temporary:
+    def _wait_for_lock(self, requests: list[_Request[Any]]) -> list[_Request[Any]]:
+        """Keep the patient `requests` to try again after a pause; return the others (they fail)."""
+        now = time.monotonic()
+        again = [request for request in requests if request.patient_until > now]
+        if again:
+            self._retrying.extend(again)
+            self._retry_at = now + self._backoff
+            self._backoff = min(self._backoff * 2, _LAST_BACKOFF)
+        return [request for request in requests if request.patient_until <= now]
+
+    def _fail(self, requests: list[_Request[Any]], error: BaseException) -> None:
+        if not requests:
             return
+        for request in requests:
+            for seq in request.claims:
+                # Not renewed any more: the message comes back after the visibility timeout,
+                # instead of staying claimed by this live process for as long as it lives.
+                self._held.pop(seq, None)
+        if any(request.future is None for request in requests):
+            log.warning("%s: could not settle a message (it will come back): %s", self._url, error)
+        self._post(_resolve, [(r.future, False, _translate(error, self._url)) for r in requests])
+
+    def _locked(self) -> None:
+        """The write lock stayed held by another process beyond busy_timeout (logged once)."""
+        if self._locked_since is None:
+            self._locked_since = time.monotonic()
+            log.warning(
+                "%s: the database stays locked by another process beyond busy_timeout (%g s);"
+                " claims and settles wait and try again until it is free",
+                self._url,
+                self._busy_timeout,
+            )
+
+    def _unlocked(self) -> None:
+        self._backoff = _FIRST_BACKOFF
+        if self._locked_since is not None:
+            log.info(
+                "%s: the database is free again after %.1f s",
+                self._url,
+                time.monotonic() - self._locked_since,
+            )
+            self._locked_since = None
+
+    def _renew(self, connection: sqlite3.Connection) -> bool:
+        """Renew this instance's claims and temporary queues; whether that worked."""
+        if not self._held and not self._temporary:
+            return True
         try:
-            self._transaction(connection, queries.renew, write=True)
+            _, redeclared = self._transaction(connection, queries.renew, write=True)
         except sqlite3.Error as error:
             # Not fatal yet: the claims last a whole lease and this runs three times per lease.
-            log.warning("%s: could not renew claims: %s", self._url, error)
+            if _is_busy(error):
+                self._locked()
+            else:
+                log.warning("%s: could not renew claims: %s", self._url, error)
+            return False
+        self._unlocked()
+        if redeclared:
+            log.warning(
+                "%s: this instance's lease had run out (a stall?) and its temporary queues were"
+                " deleted; declared them again: %s",
+                self._url,
+                ", ".join(sorted(redeclared)),
+            )
+        return True

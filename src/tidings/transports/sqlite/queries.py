@@ -51,7 +51,7 @@ def declare_queue(batch: Batch, queue: str, *, temporary: bool) -> None:
             "INSERT OR REPLACE INTO tidings_instances (id, alive_until) VALUES (?, ?)",
             (batch.instance, batch.now + batch.lease),
         )
-        batch.owns_temporary = True
+        batch.declared.add(queue)
 
 
 def bind(batch: Batch, queue: str, event_type: str) -> None:
@@ -74,7 +74,6 @@ def publish(
     # Bindings are deleted with their queue, so every bound queue exists.
     for queue in batch.bound_queues(event_type):
         batch.insert(queue, message_id, headers, body, visible_at)
-        batch.touched.add(queue)
 
 
 def send(
@@ -83,7 +82,6 @@ def send(
     require_queue(batch, queue)
     visible_at = batch.now if not_before is None else max(batch.now, not_before)
     batch.insert(queue, message_id, headers, body, visible_at)
-    batch.touched.add(queue)
 
 
 def data_version(batch: Batch) -> int:
@@ -140,13 +138,14 @@ def ack(batch: Batch, seq: int, delivery_count: int) -> None:
 
 def retry_later(batch: Batch, queue: str, seq: int, delivery_count: int, headers: str, delay: float) -> None:
     batch.held.pop(seq, None)
+    visible_at = batch.now + max(delay, 0.0)
     # A retried message is counted as a new delivery: its count starts again, as in memory.py.
     batch.defer(
         f"UPDATE tidings_messages SET headers = ?, visible_at = ?, claimed_by = NULL, delivery_count = 0"
         f" WHERE {_MINE}",
-        (headers, batch.now + max(delay, 0.0), seq, batch.instance, delivery_count),
+        (headers, visible_at, seq, batch.instance, delivery_count),
     )
-    batch.touched.add(queue)
+    batch.fill(queue, visible_at)
 
 
 def dead_letter(batch: Batch, queue: str, seq: int, delivery_count: int, headers: str) -> None:
@@ -157,7 +156,7 @@ def dead_letter(batch: Batch, queue: str, seq: int, delivery_count: int, headers
         f" delivery_count = 0 WHERE {_MINE}",
         (error_queue, headers, batch.now, seq, batch.instance, delivery_count),
     )
-    batch.touched.add(error_queue)
+    batch.fill(error_queue, batch.now)
 
 
 def release(batch: Batch, queue: str, rows: Sequence[tuple[int, int]], *, handed_out: bool) -> None:
@@ -171,22 +170,34 @@ def release(batch: Batch, queue: str, rows: Sequence[tuple[int, int]], *, handed
             f" delivery_count = delivery_count - {uncount} WHERE {_MINE}",
             (seq, batch.instance, count),
         )
-    batch.touched.add(queue)
+    batch.fill(queue, 0.0)
 
 
-def renew(batch: Batch) -> None:
-    """Extend every claim this instance holds, and its lease on its temporary queues."""
+def renew(batch: Batch) -> set[str]:
+    """Extend every claim this instance holds, and its lease on its temporary queues.
+
+    Returns the temporary queues it had to declare again: when this instance stalled past its
+    lease (a stopped process), another transport may have deleted them as orphans; this instance
+    is alive after all, and its reply queue must be there for the replies to its next requests.
+    """
     if batch.held:
         batch.execute(
             "UPDATE tidings_messages SET visible_at = ?"
             " WHERE claimed_by = ? AND seq IN (SELECT value FROM json_each(?))",
             (batch.now + batch.lease, batch.instance, json.dumps(list(batch.held))),
         )
-    if batch.owns_temporary:
-        batch.execute(
-            "UPDATE tidings_instances SET alive_until = ? WHERE id = ?",
-            (batch.now + batch.lease, batch.instance),
-        )
+    if not batch.temporary:
+        return set()
+    renewed = batch.execute(
+        "UPDATE tidings_instances SET alive_until = ? WHERE id = ?",
+        (batch.now + batch.lease, batch.instance),
+    )
+    if renewed.rowcount:
+        return set()
+    # What was in them is gone with them (and their bindings: a reply queue has none).
+    for queue in batch.temporary:
+        declare_queue(batch, queue, temporary=True)
+    return set(batch.temporary)
 
 
 def close_instance(batch: Batch, prefetched: Sequence[tuple[str, int, int]]) -> None:
@@ -239,7 +250,7 @@ def replay(batch: Batch, queue: str, message_ids: Sequence[str] | None) -> int:
             )
             moved += 1
     if moved:
-        batch.touched.add(queue)
+        batch.fill(queue, batch.now)
     return moved
 
 

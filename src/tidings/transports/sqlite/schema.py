@@ -115,11 +115,16 @@ class Batch:
     held: dict[int, int]
     #: Claims made in this batch; added to `held` once it committed.
     claimed: dict[int, int] = field(default_factory=dict)
+    #: The temporary queues this instance owns (as of the start of the transaction).
+    temporary: frozenset[str] = frozenset()
+    #: Temporary queues declared in this batch; added to `temporary` once it committed.
+    declared: set[str] = field(default_factory=set)
     #: Queues that got a message: receivers in this process are woken once it committed.
     touched: set[str] = field(default_factory=set)
     #: For queues a claim emptied: when their next message becomes visible (`NEVER`: none yet).
     due: dict[str, float] = field(default_factory=dict)
-    owns_temporary: bool = False
+    #: For queues that got a message (see `fill`): the earliest `visible_at` among those.
+    coming: dict[str, float] = field(default_factory=dict)
     _inserts: list[tuple[str, str, str, bytes, float]] = field(default_factory=list)
     _acks: list[tuple[int, int]] = field(default_factory=list)
     _deferred: list[tuple[str, list[tuple[Any, ...]]]] = field(default_factory=list)
@@ -132,6 +137,13 @@ class Batch:
 
     def insert(self, queue: str, message_id: str, headers: str, body: bytes, visible_at: float) -> None:
         self._inserts.append((queue, message_id, headers, body, visible_at))
+        self.fill(queue, visible_at)
+
+    def fill(self, queue: str, visible_at: float) -> None:
+        """Note that a message becomes visible in `queue` at `visible_at`: receivers of it in this
+        process are woken, and the thread knows when to look at it again (a retry, a delay)."""
+        self.touched.add(queue)
+        self.coming[queue] = min(self.coming.get(queue, NEVER), visible_at)
 
     def delete_settled(self, seq: int, delivery_count: int) -> None:
         self._acks.append((seq, delivery_count))

@@ -17,19 +17,30 @@ and survives those too, at a cost of one fsync per batch.
 Delivery. A consumer claims messages: each claimed row records the instance holding it and a
 deadline (`visible_at`) the instance renews while it lives. A message whose holder died comes
 back when the deadline passes, with `delivery_count` one higher. Publish order is claim order.
+Temporary queues (a bus's reply queue) live on a lease the instance renews likewise; an instance
+that stalled past it (and lost them to another transport's clean-up) declares them again.
+
+Lock contention. While another process holds the write lock beyond `busy_timeout`, a publish,
+send or declaration fails with `TransportError`; a receiver's claim waits (tried again with
+backoff, logged once) for as long as it takes, so `receive()` and `Bus.run()` carry on once the
+lock is free; a settle waits up to one visibility timeout, then gives its claim up, and the message
+comes back after the visibility timeout (see `connection_thread`).
 
 Speed. All SQL of one transport instance (the statements of `queries`, on the tables of `schema`)
 runs on the one thread that owns its connection (`connection_thread`), which commits whatever
 requests are waiting in one transaction (group commit); a claim takes up to `prefetch` rows at
 once. A commit wakes receivers in the same process at once; for other processes' commits, that
 thread polls `PRAGMA data_version` (cheap, no lock) every millisecond while messages flow, backing
-off to `max_poll_interval` when idle, and wakes only receivers with something to claim.
+off to `max_poll_interval` when idle, and wakes only receivers with something to claim. A message
+held back or retried (by this process or another) is looked for when it comes due: the thread
+knows when from its own claims and writes, and from its looks at other processes' commits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import uuid
 from collections import deque
@@ -143,14 +154,18 @@ class _SQLiteDelivery(Delivery):
 
     async def _settle(self, run: Callable[[schema.Batch], None]) -> None:
         if self._settling():
-            await self._transport._submit(run)
+            await self._transport._submit(
+                run, patience=self._transport.settings.visibility_timeout, claims=(self._seq,)
+            )
 
     async def ack(self) -> None:
         # Like an AMQP ack, this returns without waiting for the commit (it shares the next one):
         # an ack lost to a crash means one more delivery, which at-least-once allows.
         if self._settling():
             self._transport._submit_nowait(
-                partial(queries.ack, seq=self._seq, delivery_count=self.delivery_count)
+                partial(queries.ack, seq=self._seq, delivery_count=self.delivery_count),
+                patience=self._transport.settings.visibility_timeout,
+                claims=(self._seq,),
             )
 
     async def retry_later(self, delay: float, headers: Mapping[str, str]) -> None:
@@ -202,21 +217,32 @@ class SQLiteTransport(Transport):
     def is_open(self) -> bool:
         return self._thread is not None
 
-    def _submit(self, run: Callable[[schema.Batch], T], *, write: bool = True) -> asyncio.Future[T]:
+    def _submit(
+        self,
+        run: Callable[[schema.Batch], T],
+        *,
+        write: bool = True,
+        patience: float = 0.0,
+        claims: tuple[int, ...] = (),
+    ) -> asyncio.Future[T]:
         if self._thread is None:
             raise TransportClosed(f"{self.url} is not open")
-        return self._thread.submit(run, write=write)
+        return self._thread.submit(run, write=write, patience=patience, claims=claims)
 
-    def _submit_nowait(self, run: Callable[[schema.Batch], None]) -> None:
+    def _submit_nowait(
+        self, run: Callable[[schema.Batch], None], *, patience: float, claims: tuple[int, ...]
+    ) -> None:
         if self._thread is None:
             raise TransportClosed(f"{self.url} is not open")
-        self._thread.submit_nowait(run)
+        self._thread.submit_nowait(run, patience=patience, claims=claims)
 
     async def open(self) -> None:
         if self._thread is not None:
             return
         thread = ConnectionThread(
-            path=self.settings.path,
+            # The real path, the one `listen` knows the receivers by: the thread wakes them by it
+            # after its commits. Given `sqlite:///shop.db` as spelled, no local commit woke anyone.
+            path=self._path,
             url=self.url,
             instance=uuid.uuid4().hex,
             lease=self.settings.visibility_timeout,
@@ -310,8 +336,13 @@ class SQLiteTransport(Transport):
             if receiver.prefetched and self._thread is not None:
                 rows = [(row.seq, row.delivery_count) for row in receiver.prefetched]
                 receiver.prefetched.clear()
-                # Submitted before awaiting: the rows go back even if this task is cancelled.
-                await self._submit(partial(queries.release, queue=queue, rows=rows, handed_out=False))
+                # Submitted before awaiting: the rows go back even if this task is cancelled. Not
+                # patient: a closing iterator must not hold up a shutdown while the database is
+                # locked; if this fails, the claims are given up and the rows come back later.
+                await self._submit(
+                    partial(queries.release, queue=queue, rows=rows, handed_out=False),
+                    claims=tuple(seq for seq, _ in rows),
+                )
 
     def _watch(self) -> None:
         # Only receivers waiting for a wake need the thread to watch other processes' commits: a
@@ -348,7 +379,9 @@ class SQLiteTransport(Transport):
             receiver.claim_now = len(rows) == room
 
     async def _claim(self, queue: str, room: int) -> list[schema.Row]:
-        future = self._submit(partial(queries.claim, queue=queue, limit=room))
+        # Patient without limit: another process holding the write lock for long holds this
+        # receiver up (it waits, tried again with backoff), it does not end it (nor `Bus.run()`).
+        future = self._submit(partial(queries.claim, queue=queue, limit=room), patience=math.inf)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -362,7 +395,11 @@ class SQLiteTransport(Transport):
             return
         rows = [(row.seq, row.delivery_count) for row in future.result()]
         if rows:
-            self._submit_nowait(partial(queries.release, queue=queue, rows=rows, handed_out=False))
+            self._submit_nowait(
+                partial(queries.release, queue=queue, rows=rows, handed_out=False),
+                patience=self.settings.visibility_timeout,
+                claims=tuple(seq for seq, _ in rows),
+            )
 
     async def dead_letters(self, queue: str, *, limit: int = 100) -> Sequence[DeadLetter]:
         return await self._submit(partial(queries.dead_letters, queue=queue, limit=limit))
