@@ -115,7 +115,8 @@ async def test_two_relays_side_by_side_keep_the_order_and_send_each_row_once(dat
     stats = [bus.relay.stats for bus in relays]  # type: ignore[union-attr]
     assert sum(stat.sent for stat in stats) == 30
     assert all(stat.sent > 0 for stat in stats)  # both shipped: they did work side by side
-    assert sum(stat.held_back for stat in stats) > 0  # and rows waited for the other relay
+    # Whether a row had to wait for the other relay depends on how the two rounds interleave, so
+    # it is not asserted here (it failed about 1 run in 20): the next test holds a row back for sure.
 
 
 async def test_a_row_waits_while_an_older_row_of_its_subject_is_leased_by_a_dead_relay(
