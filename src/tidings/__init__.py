@@ -17,6 +17,7 @@ from tidings.errors import (
     InvalidMessageType,
     NoRoute,
     PublishNotConfirmed,
+    PublishRefused,
     Reject,
     RemoteError,
     RequestTimeout,
@@ -81,6 +82,7 @@ __all__ = [
     "ConnectionFailed",
     "TransportClosed",
     "PublishNotConfirmed",
+    "PublishRefused",
     # Transports (the port, for writing one; users pass a URL)
     "Transport",
     "Delivery",

@@ -112,6 +112,19 @@ class FailedMessage:
         return {k: v for k, v in self.headers.items() if k != ATTEMPT and not k.startswith(FAULT_PREFIX)}
 
 
+def _first_of_each_id(letters: Sequence[DeadLetter]) -> Sequence[DeadLetter]:
+    """`letters` (oldest first) less the later copies of an id; letters without an id all stay."""
+    seen: set[str] = set()
+    kept = []
+    for letter in letters:
+        if letter.message_id:
+            if letter.message_id in seen:
+                continue
+            seen.add(letter.message_id)
+        kept.append(letter)
+    return kept
+
+
 class DeadLetters:
     """The error queue of one service on an open transport."""
 
@@ -125,9 +138,14 @@ class DeadLetters:
         return self.service
 
     async def list(self, *, limit: int = 100) -> list[FailedMessage]:
-        """The oldest `limit` dead letters, without removing them."""
+        """The oldest `limit` dead letters, without removing them; each message id once.
+
+        A transport may hold two copies of one dead letter (RabbitMQ: a crash between storing
+        the copy and acknowledging the original, docs/recoverability.md): the oldest is shown,
+        and `replay` moves the message back once. So a listing can be shorter than `limit`.
+        """
         letters = await self.transport.dead_letters(self.queue, limit=limit)
-        return [FailedMessage.from_dead_letter(letter) for letter in letters]
+        return [FailedMessage.from_dead_letter(letter) for letter in _first_of_each_id(letters)]
 
     async def get(self, message_id: str) -> FailedMessage | None:
         """The dead letter with this id, or None when there is none."""
@@ -140,7 +158,8 @@ class DeadLetters:
         """Move these dead letters back onto the service's queue; returns how many moved.
 
         Each keeps its id, body and headers; the fault and attempt headers are dropped, so the
-        handler sees it as attempt 1 again.
+        handler sees it as attempt 1 again. Two copies of one dead letter (see `list`) go back
+        once; on RabbitMQ the other copy leaves the error queue too.
         """
         if isinstance(message_ids, str):
             # A lone id would otherwise be read as a sequence of one-character ids.

@@ -8,7 +8,9 @@
     ├── NoRoute                     a command has no route, or the route leads nowhere
     ├── TransportError              the broker or the embedded store failed us
     │   ├── ConnectionFailed        could not connect (the URL is in the message, credentials redacted)
-    │   ├── PublishNotConfirmed     the transport did not confirm a message; it may not have been stored
+    │   ├── PublishNotConfirmed     no confirm (the connection went, or none came in time): it may
+    │   │   │                       or may not be stored; publish it again
+    │   │   └── PublishRefused      the broker refused that one message (a nack): not stored
     │   └── TransportClosed         the transport was used before open() or after close()
     ├── Unavailable                 a dependency (database, broker) is down: the message goes back
     │                               unhandled, not counted as a failure of the handler
@@ -36,6 +38,7 @@ __all__ = [
     "InvalidMessageType",
     "NoRoute",
     "PublishNotConfirmed",
+    "PublishRefused",
     "Reject",
     "RemoteError",
     "RequestTimeout",
@@ -82,7 +85,21 @@ class ConnectionFailed(TransportError):
 
 
 class PublishNotConfirmed(TransportError):
-    """The transport did not confirm a message: it may or may not have been stored."""
+    """The transport did not confirm a message: it may or may not have been stored.
+
+    The connection went before the confirm, or none came in time: a failure of the transport, not
+    a verdict on the message, so the caller publishes it again (the outbox relay stops that
+    row's chain and waits, to keep the order).
+    """
+
+
+class PublishRefused(PublishNotConfirmed):
+    """The broker refused this one message (a negative confirm): it was not stored.
+
+    A verdict on the message, not a failing transport: the outbox relay keeps the row for a later
+    try and lets the rows behind it go on. A `PublishNotConfirmed`, so callers that catch that
+    one and publish again still do.
+    """
 
 
 class TransportClosed(TransportError):

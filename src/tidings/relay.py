@@ -11,15 +11,24 @@ One round (`Relay.relay_once`):
 2. **Order** (`plan`): a row waits while an older unsent row of its transaction or of its subject is
    with another relay. The rest form chains (rows linked by a transaction or a subject), each shipped
    one row after the other; chains go side by side.
-3. **Ship**: `transport.publish` / `transport.send`; their return is the confirmation.
-4. **Settle**, in one short transaction: confirmed rows are marked sent; refused rows (`NoRoute`,
-   not confirmed, unreadable) get `attempts + 1`, `last_error` and a backoff, and do not hold up
-   the rows behind them; unshipped rows are released.
+3. **Ship**: `transport.publish` / `transport.send`; their return is the confirmation. While the
+   round ships, its lease is renewed every third of `claim_timeout` (`_Lease`), so a long round
+   (a slow broker, a big batch) keeps its rows from a second relay; a relay that cannot renew
+   (a database error, its rows taken) starts no more rows that round.
+4. **Settle**, in one short transaction: confirmed rows are marked sent; refused rows get
+   `attempts + 1`, `last_error` and a backoff, and do not hold up the rows behind them; unshipped
+   rows are released.
+
+A refusal is a verdict on one message: `NoRoute` (nobody takes it), `PublishRefused` (the broker
+nacked it), or a row that cannot be read. Any other `TransportError` is an outage: a
+`PublishNotConfirmed` (the connection went before the confirm, or none came in time) says nothing
+about the message. An outage stops every chain at the row it was on, ends the round, releases what
+was not shipped (that row included, so it goes again before the rows behind it) and backs off,
+doubling up to `MAX_OUTAGE_BACKOFF`; it is counted and logged once, however many rounds it lasts.
 
 A relay killed between 3 and 4 leaves its rows leased: they are shipped again after the claim
-timeout, and the consumers' inbox drops the duplicate. A transport outage ends the round, releases
-what was not shipped and backs off. Sent rows are deleted after the retention period, in bounded
-batches (`Relay.clean_up`).
+timeout, and the consumers' inbox drops the duplicate. Sent rows are deleted after the retention
+period, in bounded batches (`Relay.clean_up`).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from tidings.envelope import Envelope
 from tidings.errors import (
     ConfigurationError,
     NoRoute,
-    PublishNotConfirmed,
+    PublishRefused,
     TransportError,
     Unavailable,
 )
@@ -62,8 +71,19 @@ _columns = _table.c
 #: Seconds a stopping relay gives its current round to finish (it is cancelled after that).
 SHUTDOWN_GRACE = 10.0
 
-#: The transport refused this one message (not itself failing): the row is refused, the round goes on.
-_REFUSALS = (NoRoute, PublishNotConfirmed)
+#: The transport refused this one message (not itself failing): the row is refused, its chain goes on.
+#: Every other `TransportError` (`PublishNotConfirmed` among them) is an outage: the chain waits.
+_REFUSALS = (NoRoute, PublishRefused)
+
+#: Seconds a relay waits after the first failed round of an outage, doubled per failed round after
+#: it up to the longest.
+OUTAGE_BACKOFF = 0.5
+MAX_OUTAGE_BACKOFF = 30.0
+
+
+def outage_delay(failures: int) -> float:
+    """Seconds to wait after the `failures`-th failed round in a row (1, 2, ...)."""
+    return float(min(MAX_OUTAGE_BACKOFF, OUTAGE_BACKOFF * 2 ** min(max(failures, 1) - 1, 30)))
 
 
 @dataclass(slots=True)
@@ -77,8 +97,11 @@ class RelayStats:
     refused: int = 0
     #: Rows claimed but left for later because an older row of their chain was with another relay.
     held_back: int = 0
-    #: Rounds cut short because the transport or the database was unavailable.
+    #: Outages: runs of rounds cut short because the transport or the database was unavailable,
+    #: each counted once however many rounds it lasted.
     outages: int = 0
+    #: Rounds that stopped shipping because their lease could not be renewed.
+    leases_lost: int = 0
     #: Sent rows deleted after the retention period.
     deleted: int = 0
     last_error: str | None = None
@@ -89,6 +112,71 @@ class _Round:
     sent: list[int] = field(default_factory=list)
     refused: list[tuple[OutboxRow, BaseException]] = field(default_factory=list)
     outage: TransportError | None = None
+
+
+class _Lease:
+    """Keeps a round's claim alive while its rows are shipped: `claimed_until` is renewed every
+    third of `claim_timeout`.
+
+    A row may start only while a third of the lease is left (`holds`), the time its publish gets
+    before another relay could claim it. A renewal that fails, or finds some of the rows no longer
+    this relay's, marks the lease lost: the round starts no more rows.
+    """
+
+    def __init__(self, relay: Relay, ids: Sequence[int], claimed_at: float) -> None:
+        self._relay = relay
+        self._ids = list(ids)
+        self._timeout = relay.settings.claim_timeout
+        self._loop = asyncio.get_running_loop()
+        #: Loop time the lease runs out: taken before the claim (or renewal) computed its time, so
+        #: never later than the database's `claimed_until`.
+        self._expires = claimed_at + self._timeout
+        self._done = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        #: Why the lease is lost, once it is.
+        self.lost: str | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._keep())
+
+    def holds(self) -> bool:
+        if self.lost is None and self._loop.time() >= self._expires - self._timeout / 3:
+            self.lost = f"not renewed within {self._timeout * 2 / 3:g} s"
+        return self.lost is None
+
+    async def stop(self) -> None:
+        """Stop renewing (a renewal under way finishes first)."""
+        self._done.set()
+        if self._task is None:
+            return
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            self._task.cancel()
+            raise
+
+    async def _keep(self) -> None:
+        while self.lost is None:
+            # Renew when two thirds are left: a slow renewal still lands well before the end.
+            wait = self._expires - self._timeout * 2 / 3 - self._loop.time()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._done.wait(), max(wait, 0.0))
+            if self._done.is_set():
+                return
+            started = self._loop.time()
+            try:
+                # Cancelled meanwhile, the UPDATE finishes first: the driver must not answer a
+                # statement nobody waits for.
+                renewed = await finish_then_cancel(self._relay._renew(self._ids))
+            except Exception as error:
+                self.lost = f"renewal failed: {type(error).__name__}: {error}"
+                return
+            if renewed < len(self._ids):
+                self.lost = (
+                    f"{len(self._ids) - renewed} of its {len(self._ids)} rows are not its own any more"
+                )
+                return
+            self._expires = started + self._timeout
 
 
 class Relay:
@@ -111,7 +199,8 @@ class Relay:
         """Ship rows until cancelled; outages are logged and waited out, never raised."""
         loop = asyncio.get_running_loop()
         next_cleanup = loop.time()
-        failures = 0
+        failures = 0  # failed rounds in a row: the outage going on, if any
+        outage_began = 0.0
         while True:
             # Cleared before the claim: a commit during the round wakes the next wait at once.
             self.outbox.clear_wake()
@@ -124,21 +213,46 @@ class Relay:
                     next_cleanup = loop.time() + self.settings.cleanup_interval
             except Exception as error:
                 failures += 1
-                self.stats.outages += 1
-                self.stats.last_error = str(error)
-                delay = min(30.0, 0.25 * 2 ** min(failures, 7))
-                if isinstance(error, TransportError | Unavailable | ConfigurationError):
-                    log.warning("outbox relay of %s: %s; again in %.1fs", self.service, error, delay)
+                self.stats.last_error = f"{type(error).__name__}: {error}"
+                delay = outage_delay(failures)
+                # One count and one warning per outage: a broker down for an hour is one event,
+                # not a warning every 30 s.
+                if failures > 1:
+                    log.debug(
+                        "outbox relay of %s: still failing (%s); again in %.1fs", self.service, error, delay
+                    )
                 else:
-                    log.exception("outbox relay of %s failed; again in %.1fs", self.service, delay)
+                    self.stats.outages += 1
+                    outage_began = loop.time()
+                    if isinstance(error, TransportError | Unavailable | ConfigurationError):
+                        log.warning(
+                            "outbox relay of %s: %s; trying again in %.1fs, backing off up to %.0fs",
+                            self.service,
+                            error,
+                            delay,
+                            MAX_OUTAGE_BACKOFF,
+                        )
+                    else:
+                        log.exception("outbox relay of %s failed; trying again in %.1fs", self.service, delay)
                 await asyncio.sleep(delay)
                 continue
+            if failures:
+                log.info(
+                    "outbox relay of %s: going again after %.1fs (%d failed rounds)",
+                    self.service,
+                    loop.time() - outage_began,
+                    failures,
+                )
             failures = 0
             if not self._more_waiting:
                 await self.outbox.wait_for_work(self.settings.poll_interval)
 
     async def relay_once(self) -> int:
-        """Claim, ship and settle one batch; returns how many rows were shipped or refused."""
+        """Claim, ship and settle one batch; returns how many rows were shipped or refused.
+
+        Raises the transport's error after settling when an outage cut the round short.
+        """
+        claimed_at = asyncio.get_running_loop().time()
         claimed, elsewhere = await self._claim()
         self.stats.rounds += 1
         if not claimed:
@@ -146,8 +260,13 @@ class Relay:
             return 0
         chains, held = plan(claimed, elsewhere)
         result = _Round()
+        lease = _Lease(self, [row.id for row in claimed], claimed_at)
         try:
-            await self._ship(chains, result)
+            lease.start()
+            try:
+                await self._ship(chains, result, lease)
+            finally:
+                await lease.stop()
             if result.sent:
                 crash_point("relay-after-confirm")
         except BaseException:
@@ -159,6 +278,16 @@ class Relay:
         self.stats.sent += len(result.sent)
         self.stats.refused += len(result.refused)
         self.stats.held_back += len(held)
+        if lease.lost is not None:
+            self.stats.leases_lost += 1
+            self.stats.last_error = f"lease lost: {lease.lost}"
+            log.warning(
+                "outbox relay of %s stopped its round after %d of %d rows: its lease was lost (%s)",
+                self.service,
+                len(result.sent) + len(result.refused),
+                len(claimed),
+                lease.lost,
+            )
         for row, error in result.refused:
             self.stats.last_error = f"{type(error).__name__}: {error}"
             log.warning(
@@ -259,19 +388,25 @@ class Relay:
         )
         return [OutboxRow(**row._asdict()) for row in await connection.execute(query)]
 
-    async def _ship(self, chains: Sequence[Sequence[OutboxRow]], result: _Round) -> None:
+    async def _ship(
+        self, chains: Sequence[Sequence[OutboxRow]], result: _Round, lease: _Lease | None = None
+    ) -> None:
         slots = asyncio.Semaphore(self.settings.max_in_flight)
 
         async def ship_chain(chain: Sequence[OutboxRow]) -> None:
             async with slots:
                 for row in chain:
-                    if result.outage is not None:
+                    # After an outage or with the lease gone, the chain stops at this row: it and
+                    # the rows behind it are released and go again, in order, in a later round.
+                    if result.outage is not None or (lease is not None and not lease.holds()):
                         return
                     try:
                         await _ship_row(self.transport, row)
                     except _REFUSALS as error:
                         result.refused.append((row, error))
                     except TransportError as error:
+                        # Not a verdict on the row (a lost connection, no confirm in time): had
+                        # the chain gone on, the rows behind it would overtake it.
                         result.outage = error
                         return
                     except Exception as error:
@@ -298,7 +433,8 @@ class Relay:
                 if result.refused:
                     await connection.execute(
                         update(_table)
-                        .where(_columns.id == bindparam("row_id"))
+                        # Only its own: a relay that lost its lease leaves the row to its new holder.
+                        .where(_columns.id == bindparam("row_id"), _columns.claimed_by == self.relay_id)
                         .values(
                             attempts=_columns.attempts + 1,
                             last_error=bindparam("error"),
@@ -321,6 +457,22 @@ class Relay:
                         .where(_columns.id.in_(unshipped), _columns.claimed_by == self.relay_id)
                         .values(claimed_by=None, claimed_until=None)
                     )
+
+    async def _renew(self, ids: Sequence[int]) -> int:
+        """Extend this relay's lease on `ids`; returns how many of them it still held."""
+        until = utc_now() + timedelta(seconds=self.settings.claim_timeout)
+        with translate_errors():
+            async with self._bookkeeping() as connection:
+                renewed = await connection.execute(
+                    update(_table)
+                    .where(
+                        _columns.id.in_(ids),
+                        _columns.claimed_by == self.relay_id,
+                        _columns.sent_at.is_(None),
+                    )
+                    .values(claimed_until=until)
+                )
+        return int(renewed.rowcount)
 
     @contextlib.asynccontextmanager
     async def _bookkeeping(self) -> AsyncIterator[AsyncConnection]:

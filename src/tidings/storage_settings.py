@@ -29,7 +29,7 @@ class OutboxSettings:
     claim_timeout: float = 30.0
     #: Ordering chains shipped at once (rows within a chain go one after the other).
     max_in_flight: int = 32
-    #: First and longest wait before a refused row (`NoRoute`, not confirmed) is tried again.
+    #: First and longest wait before a refused row (`NoRoute`, `PublishRefused`) is tried again.
     refused_backoff: float = 1.0
     max_refused_backoff: float = 300.0
     #: How long sent rows are kept (to answer "was it sent?") before they are deleted.

@@ -131,15 +131,15 @@ async def test_the_topology_is_the_documented_one(make_url: Callable[..., str], 
         (f"{namespace}.commands", "direct", "true"),
         (f"{namespace}.errors", "direct", "true"),
         (f"{namespace}.delayed", "topic", "true"),
-        (f"{namespace}.delay.00", "topic", "true"),
-        (f"{namespace}.delay.31", "topic", "true"),
+        (f"{namespace}.delay.v2.00", "topic", "true"),
+        (f"{namespace}.delay.v2.31", "topic", "true"),
     } <= exchanges
     queues = listed("list_queues", vhost, "name", "type", "durable")
     assert {
         (f"{namespace}.basket", "quorum", "true"),
         (f"{namespace}.basket.error", "quorum", "true"),
-        (f"{namespace}.delay.00", "classic", "true"),
-        (f"{namespace}.delay.31", "classic", "true"),
+        (f"{namespace}.delay.v2.00", "quorum", "true"),
+        (f"{namespace}.delay.v2.31", "quorum", "true"),
     } <= queues
     bindings = listed("list_bindings", vhost, "source_name", "destination_name", "routing_key")
     delay_prefix = "*." * 32
@@ -150,10 +150,10 @@ async def test_the_topology_is_the_documented_one(make_url: Callable[..., str], 
         (f"{namespace}.commands", f"{namespace}.basket.error", "basket.error"),
         (f"{namespace}.delayed", f"{namespace}.basket", f"{delay_prefix}q.basket"),
         (f"{namespace}.delayed", f"{namespace}.basket", f"{delay_prefix}e.PriceChanged"),
-        (f"{namespace}.delay.31", f"{namespace}.delay.31", "1.#"),
-        (f"{namespace}.delay.31", f"{namespace}.delay.30", "0.#"),
-        (f"{namespace}.delay.00", f"{namespace}.delay.00", f"{'*.' * 31}1.#"),
-        (f"{namespace}.delay.00", f"{namespace}.delayed", f"{'*.' * 31}0.#"),
+        (f"{namespace}.delay.v2.31", f"{namespace}.delay.v2.31", "1.#"),
+        (f"{namespace}.delay.v2.31", f"{namespace}.delay.v2.30", "0.#"),
+        (f"{namespace}.delay.v2.00", f"{namespace}.delay.v2.00", f"{'*.' * 31}1.#"),
+        (f"{namespace}.delay.v2.00", f"{namespace}.delayed", f"{'*.' * 31}0.#"),
     } <= bindings
 
     # Declaring with exactly the documented arguments is accepted (the broker refuses a declaration
@@ -174,12 +174,14 @@ async def test_the_topology_is_the_documented_one(make_url: Callable[..., str], 
                 },
             )
             channel.queue_declare(
-                f"{namespace}.delay.05",
+                f"{namespace}.delay.v2.05",
                 durable=True,
                 arguments={
-                    "x-queue-type": "classic",
+                    "x-queue-type": "quorum",
                     "x-message-ttl": 32,
-                    "x-dead-letter-exchange": f"{namespace}.delay.04",
+                    "x-dead-letter-exchange": f"{namespace}.delay.v2.04",
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
                 },
             )
 

@@ -28,6 +28,7 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 
 from tidings.errors import TransportClosed, TransportError
+from tidings.faults import fault_headers
 from tidings.transports.base import Delivery
 from tidings.transports.rabbitmq.acks import LOST_CHANNEL_ERRORS, ChannelAcks
 from tidings.transports.rabbitmq.codec import DUE_HEADER, decode_headers
@@ -43,6 +44,18 @@ _Item = tuple[DeliveredMessage, ChannelAcks] | TransportError | None
 #: A confirmed publish of a received message's copy: `(queue, headers, body, delay)`.
 _Republish = Callable[[str, Mapping[str, str], bytes, float], Awaitable[None]]
 
+#: The fault reason of a message with a header tidings reads but cannot make sense of.
+BAD_HEADER = "bad-header"
+#: How long a delivery whose copy could not be stored waits before it goes back to its queue: a
+#: broker that refuses at once (a missing permission) would otherwise make a hot loop of it.
+GIVE_BACK_PAUSE = 1.0
+#: The latest due time `x-tidings-due` may name (9999-12-31, in ms since the epoch).
+_MAX_DUE_MS = 253_402_300_799_999
+
+
+class BadHeader(ValueError):
+    """A header that tidings reads (not merely passes on) has a value it cannot use."""
+
 
 def _delivery_count(message: DeliveredMessage, headers: Mapping[str, Any]) -> int:
     # Quorum queues count earlier deliveries; RabbitMQ 4.3 counts them as x-acquired-count, as
@@ -50,7 +63,8 @@ def _delivery_count(message: DeliveredMessage, headers: Mapping[str, Any]) -> in
     for key in ("x-acquired-count", "x-delivery-count"):
         earlier = headers.get(key)
         if isinstance(earlier, int) and not isinstance(earlier, bool):
-            return earlier + 1
+            # A foreign publisher can set these on a classic queue: never below the first.
+            return earlier + 1 if earlier >= 0 else 1
     return 2 if message.redelivered else 1
 
 
@@ -111,7 +125,17 @@ class RabbitMQDelivery(Delivery):
             self._finish()
             return
         if first is not None:
-            await first()  # raises when not confirmed: the delivery stays unsettled
+            try:
+                await first()
+            except BaseException as error:
+                # The copy was not stored (no confirm during an alarm, no permission, no error
+                # queue): the message goes back to its queue. Left unsettled on this live
+                # channel it would hold a prefetch slot until the connection goes, and `prefetch`
+                # of them would stop the consumer.
+                self._finish()
+                await self._consumer.give_back(self._acks, self._tag, error)
+                raise
+            self._consumer.copy_stored()
         await settle(self._tag)
         self._finish()
 
@@ -163,6 +187,8 @@ class Consumer:
         self._acks: ChannelAcks | None = None
         self._stopping = False
         self._closing: asyncio.Task[None] | None = None
+        # Settlements in a row whose copy could not be stored: logged once per episode.
+        self._failed_copies = 0
 
     async def start(self, channel: AbstractRobustChannel, physical_queue: str) -> None:
         self._channel = channel
@@ -230,29 +256,87 @@ class Consumer:
             message, acks = item
             if not acks.is_open:
                 continue  # void: the broker put it back when the channel was lost
-            properties = message.header.properties
-            amqp_headers = properties.headers or {}
-            headers = decode_headers(
-                amqp_headers,
-                content_type=properties.content_type,
-                message_id=properties.message_id,
-            )
-            if DUE_HEADER in amqp_headers and await self._postpone(message, acks, headers, amqp_headers):
+            # Whatever a foreign publisher put in the headers is that message's fault alone: it
+            # goes to the error queue, and the loop goes on (nothing here may end `receive()`).
+            try:
+                properties = message.header.properties
+                amqp_headers = properties.headers or {}
+                headers = decode_headers(
+                    amqp_headers,
+                    content_type=properties.content_type,
+                    message_id=properties.message_id,
+                )
+                due = _due_ms(amqp_headers) if DUE_HEADER in amqp_headers else None
+                delivery = RabbitMQDelivery(self, message, acks, headers, amqp_headers)
+            except Exception as error:
+                await self._refuse(message, acks, error)
                 continue
-            delivery = RabbitMQDelivery(self, message, acks, headers, amqp_headers)
+            if due is not None and await self._postpone(message, acks, headers, due):
+                continue
             self._unsettled.add(delivery)
             return delivery
+
+    async def _refuse(self, message: DeliveredMessage, acks: ChannelAcks, error: Exception) -> None:
+        """Dead-letter a message whose headers cannot be read (`bad-header`), then ack it."""
+        tag = message.delivery_tag or 0
+        detail = f"{type(error).__name__}: {error}"
+        log.warning("%s: a message in %s has a header tidings cannot read (%s); to the error queue",
+                    self.url, self._physical_queue, detail[:200])  # fmt: skip
+        headers = fault_headers(
+            _salvaged_headers(message),
+            reason=BAD_HEADER,
+            service=self.queue,
+            queue=self.queue,
+            attempts=0,
+            detail=detail,
+        )
+        try:
+            await self.store_dead_letter(self.queue, headers, message.body)
+        except BaseException as failure:
+            await self.give_back(acks, tag, failure)
+            if not isinstance(failure, Exception):
+                raise
+            return
+        self.copy_stored()
+        await acks.ack(tag)
+
+    async def give_back(self, acks: ChannelAcks, tag: int, error: BaseException) -> None:
+        """A settlement's copy was not stored: put the delivery back on its queue (nack).
+
+        After a pause, unless cancelled: the broker may well refuse the next copy at once too.
+        The first failure of an episode is a warning, the rest debug, the end of it info.
+        """
+        self._failed_copies += 1
+        if self._failed_copies == 1:
+            log.warning("%s: could not store a copy to settle a message from %s (%s); such "
+                        "messages go back to the queue until it works again",
+                        self.url, self._physical_queue, error)  # fmt: skip
+        else:
+            log.debug("%s: copy not stored, message back to %s: %r", self.url, self._physical_queue, error)
+        if isinstance(error, Exception):
+            try:
+                await asyncio.sleep(GIVE_BACK_PAUSE)
+            finally:
+                await acks.nack(tag)  # even when cancelled in the pause
+        else:
+            await acks.nack(tag)
+
+    def copy_stored(self) -> None:
+        """A settlement's copy was stored: the end of an episode of failures, if there was one."""
+        if self._failed_copies:
+            log.info("%s: settling messages of %s works again (%d failed meanwhile)",
+                     self.url, self._physical_queue, self._failed_copies)  # fmt: skip
+            self._failed_copies = 0
 
     async def _postpone(
         self,
         message: DeliveredMessage,
         acks: ChannelAcks,
         headers: Mapping[str, str],
-        amqp_headers: Mapping[str, Any],
+        due: int,
     ) -> bool:
         """Send a message delayed past the cascade's maximum round again; True if it was."""
-        due = _due_ms(amqp_headers)
-        remaining = (due - time.time() * 1000) / 1000 if due is not None else 0.0
+        remaining = (due - time.time() * 1000) / 1000
         if remaining <= 0:
             return False
         tag = message.delivery_tag or 0
@@ -319,13 +403,31 @@ async def _quietly(operation: Awaitable[object]) -> None:
         # aiormq cancels what was pending on a channel that closed under it.
 
 
-def _due_ms(headers: Mapping[str, Any]) -> int | None:
+def _due_ms(headers: Mapping[str, Any]) -> int:
+    """The due time in `x-tidings-due` (ms since the epoch); `BadHeader` unless it is one."""
     value = headers.get(DUE_HEADER)
-    if isinstance(value, bytes):
-        value = value.decode("ascii", errors="replace")
-    if not isinstance(value, str | int) or isinstance(value, bool):
-        return None
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("ascii", errors="replace")
+    if isinstance(value, str) and 0 < len(value) <= 20 and value.isascii() and value.isdigit():
+        value = int(value)  # at most 20 digits: never a costly conversion
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_DUE_MS:
+        raise BadHeader(f"{DUE_HEADER} is not a time in ms since the epoch: {str(value)[:60]!r}")
+    return value
+
+
+def _salvaged_headers(message: DeliveredMessage) -> dict[str, str]:
+    """What can be kept of an unreadable message's headers: its text values, its id."""
     try:
-        return int(value)
-    except ValueError:
-        return None
+        properties = message.header.properties
+        raw = properties.headers if isinstance(properties.headers, dict) else {}
+        headers = {
+            key: value
+            for key, value in raw.items()
+            if isinstance(key, str) and isinstance(value, str) and key != DUE_HEADER
+        }
+        headers = decode_headers(headers, content_type=None, message_id=None)
+        if isinstance(properties.message_id, str) and "id" not in headers:
+            headers["id"] = properties.message_id
+    except Exception:  # nothing of it can be read: the body alone is kept
+        return {}
+    return headers

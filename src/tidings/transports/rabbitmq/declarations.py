@@ -128,6 +128,26 @@ class Declarations:
                 robust=temporary,
             )
         )
+        for exchange, key in (
+            (topology.commands_exchange, queue),
+            (topology.delayed_exchange, topology.delayed_binding(DelayKind.QUEUE, queue)),
+        ):
+            await self._declaring(main.bind(exchange, key, robust=temporary))
+        await self._declare_error_queue(channel, queue, temporary=temporary)
+        self._known_queues.update((topology.queue(queue), topology.error_queue(queue)))
+        self._declared[topology.queue(queue)] = main
+        self._temporary[topology.queue(queue)] = temporary
+
+    async def declare_error_queue(self, queue: str) -> None:
+        """Declare `queue`'s error queue and its bindings again (after an operator deleted it)."""
+        channel = await self._declaring_channel()
+        temporary = self._temporary.get(self._topology.queue(queue), False)
+        await self._declare_error_queue(channel, queue, temporary=temporary)
+
+    async def _declare_error_queue(
+        self, channel: AbstractRobustChannel, queue: str, *, temporary: bool
+    ) -> None:
+        topology = self._topology
         errors = await self._declaring(
             channel.declare_queue(
                 topology.error_queue(queue),
@@ -137,17 +157,12 @@ class Declarations:
                 robust=temporary,
             )
         )
-        for amqp_queue, exchange, key in (
-            (main, topology.commands_exchange, queue),
-            (main, topology.delayed_exchange, topology.delayed_binding(DelayKind.QUEUE, queue)),
-            (errors, topology.errors_exchange, queue),
+        for exchange, key in (
+            (topology.errors_exchange, queue),
             # The error queue is an address like any other, as in the memory transport.
-            (errors, topology.commands_exchange, error_queue_of(queue)),
+            (topology.commands_exchange, error_queue_of(queue)),
         ):
-            await self._declaring(amqp_queue.bind(exchange, key, robust=temporary))
-        self._known_queues.update((topology.queue(queue), topology.error_queue(queue)))
-        self._declared[topology.queue(queue)] = main
-        self._temporary[topology.queue(queue)] = temporary
+            await self._declaring(errors.bind(exchange, key, robust=temporary))
 
     async def queue_exists(self, physical: str) -> bool:
         """Whether RabbitMQ has the queue `physical`."""

@@ -107,27 +107,39 @@ class ErrorQueues:
     async def replay(self, queue: str, message_ids: Sequence[str] | None) -> int:
         wanted = None if message_ids is None else set(message_ids)
         moved = 0
+        removed = 0
         kept = 0
+        # A dead letter can be there twice (stored, then the process died before it acked the
+        # original, which came back and failed again): it goes back once, the oldest copy, and
+        # the later copies leave the error queue once that one is confirmed.
+        replayed: set[str] = set()
         async with self._reading(queue) as (amqp_queue, ready):
             # Only what is there now: a replayed message that fails again stays for next time.
             remaining = ready
             while remaining > 0:
                 batch: list[AbstractIncomingMessage] = []
+                copies: list[AbstractIncomingMessage] = []
                 while remaining > 0 and len(batch) < _REPLAY_BATCH:
                     remaining -= 1
                     message = await amqp_queue.get(no_ack=False, fail=False)
                     if message is None:
                         remaining = 0
-                    elif wanted is None or dead_letter_headers(message).get("id") in wanted:
-                        batch.append(message)
-                    else:
+                        continue
+                    message_id = dead_letter_headers(message).get("id", "")
+                    if wanted is not None and message_id not in wanted:
                         kept += 1  # stays unacked, so no later get returns it again
+                    elif message_id and message_id in replayed:
+                        copies.append(message)
+                    else:
+                        replayed.add(message_id)
+                        batch.append(message)
                 await asyncio.gather(*(self._replay_one(queue, message) for message in batch))
-                for message in batch:
+                for message in (*batch, *copies):
                     await message.ack()
                 moved += len(batch)
+                removed += len(batch) + len(copies)
         if kept:
-            await self._wait_until_back(amqp_queue.name, ready - moved)
+            await self._wait_until_back(amqp_queue.name, ready - removed)
         return moved
 
     async def _replay_one(self, queue: str, message: AbstractIncomingMessage) -> None:
@@ -149,6 +161,7 @@ def dead_letter_headers(message: AbstractIncomingMessage) -> dict[str, str]:
     # ours; say why it is here: `delivery-limit`, `rejected`, `expired`, `maxlen`.
     reason = (message.headers or {}).get("x-first-death-reason")
     if reason is not None and _FAULT_REASON not in headers:
-        text = reason.decode() if isinstance(reason, bytes) else str(reason)
+        # Set by the broker, but a foreign publisher can set it too: never fail a listing on it.
+        text = reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)[:100]
         headers[_FAULT_REASON] = text.replace("_", "-")
     return headers

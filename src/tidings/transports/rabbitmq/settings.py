@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tidings.errors import ConnectionFailed
 
@@ -25,7 +25,6 @@ _CLIENT_OPTIONS = frozenset(
     {"heartbeat", "frame_max", "channel_max", "cafile", "capath", "keyfile", "certfile",
      "no_verify_ssl"}
 )  # fmt: skip
-_CREDENTIALS = re.compile(r"(//[^:/@]*:)[^@/]*@")
 
 
 class QueueType(StrEnum):
@@ -38,8 +37,30 @@ class QueueType(StrEnum):
 
 
 def redact_url(url: str) -> str:
-    """`url` with its password replaced by `***`, safe for messages and logs."""
-    return _CREDENTIALS.sub(r"\1***@", url)
+    """`url` with its password replaced by `***`, safe for messages and logs.
+
+    Read from the parsed URL, not by pattern: the password is what follows the user name's `:`
+    up to the last `@` of the authority. An `@` after the authority (in the path, query or
+    fragment) means an unencoded `/`, `?` or `#` in the password cut the authority short: then
+    nothing after the scheme is shown, since any of it may be part of the password.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if _ambiguous(parts):
+        return f"{parts.scheme}://***" if parts.scheme else "***"
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url  # no password to hide
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _ambiguous(parts: SplitResult) -> bool:
+    # An unencoded `/`, `?` or `#` in the password ends the authority early, leaving the rest of
+    # the password (and the real host) in the path, query or fragment, with the `@` after it.
+    return "@" in parts.path or "@" in parts.query or "@" in parts.fragment
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +95,13 @@ class RabbitMQSettings:
 
         try:
             parts = urlsplit(url)
+        except ValueError as error:
+            raise invalid(str(error)) from None
+        if _ambiguous(parts):
+            # Before the port: what looks like one may be a piece of the password.
+            raise invalid("an '@' after the host: percent-encode '@', '/', '?' and '#' in the user name "
+                          "and password (%40, %2F, %3F, %23), and '@' in the vhost and options")  # fmt: skip
+        try:
             port = parts.port  # reading it validates it
         except ValueError as error:
             raise invalid(str(error)) from None

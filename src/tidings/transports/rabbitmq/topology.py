@@ -9,7 +9,8 @@ With the default namespace `tidings`, a service `basket` subscribed to `PriceCha
 - queue `tidings.basket`: quorum, `x-delivery-limit`, dead-lettered by the broker (a message over
   the limit) to exchange `tidings.errors` with routing key `basket`, where
 - queue `tidings.basket.error` is bound with `basket`.
-- the delay cascade (see `Topology.delay_level`) and exchange `tidings.delayed` (topic), where
+- the delay cascade `tidings.delay.v2.00` ... `.31` (see `Topology.delay_level`) and exchange
+  `tidings.delayed` (topic), where
   `tidings.basket` is bound with `<32 words>.q.basket` and `<32 words>.e.PriceChanged`.
 """
 
@@ -106,21 +107,40 @@ class Topology:
     # delay never holds back a short one.
 
     def delay_level(self, level: int) -> str:
-        """The name of delay level `level`'s exchange and of its queue."""
-        return f"{self.settings.namespace}.delay.{level:02d}"
+        """The name of delay level `level`'s exchange and of its queue.
+
+        With `queue_type=quorum` the levels are quorum queues dead-lettering at least once, named
+        `delay.v2.NN`: the classic `delay.NN` levels of earlier versions cannot be declared again
+        with other arguments (RabbitMQ refuses), and an exchange of the old name would route into
+        both. The old cascade keeps its bindings and drains into `delayed_exchange` as before.
+        """
+        if self.settings.queue_type is QueueType.CLASSIC:
+            return f"{self.settings.namespace}.delay.{level:02d}"
+        return f"{self.settings.namespace}.delay.v2.{level:02d}"
 
     def delay_level_target(self, level: int) -> str:
         return self.delay_level(level - 1) if level else self.delayed_exchange
 
     def delay_queue_arguments(self, level: int) -> dict[str, Any]:
-        # Classic queues, whatever `queue_type` says: 32 quorum queues per namespace are 32 Raft
-        # groups holding file handles for little gain (a delay queue is a waiting room, its
-        # messages are persistent all the same), and on RabbitMQ 3.10 with the common 1024 file
-        # limit a few such namespaces exhausted the broker's handles and froze it.
+        if self.settings.queue_type is QueueType.CLASSIC:
+            # A classic queue dead-letters at most once: a message that the next hop cannot take
+            # at that instant (a full target, a crash) is lost. The price of `queue_type=classic`.
+            return {
+                "x-queue-type": "classic",
+                "x-message-ttl": 2**level,
+                "x-dead-letter-exchange": self.delay_level_target(level),
+            }
+        # Quorum queues dead-letter at least once (RabbitMQ 3.10+): the broker keeps an expired
+        # message until the next hop has confirmed it, and retries when a target refuses it or
+        # nothing routes it. That strategy requires reject-publish overflow (with no length
+        # limit set, nothing is ever refused here). 32 Raft groups per namespace cost file
+        # handles: docs/rabbitmq.md says how many the broker needs.
         return {
-            "x-queue-type": "classic",
+            "x-queue-type": "quorum",
             "x-message-ttl": 2**level,
             "x-dead-letter-exchange": self.delay_level_target(level),
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
         }
 
     @staticmethod

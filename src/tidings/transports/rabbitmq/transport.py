@@ -5,8 +5,9 @@ on the one publishing channel at once, so concurrent callers are confirmed in a 
 `receive()` consumes on a channel of its own with manual acks. After a lost connection aio-pika
 reconnects and reopens the channels, and each consumer starts again on its reopened channel
 (`consumer`); a publish waits for that (up to `publish_timeout`), and a publish that was in
-flight when the connection went raises `PublishNotConfirmed`, to be published again by the
-caller. The topology is in `topology` and docs/rabbitmq.md.
+flight when the connection went (or got no confirm in time) raises `PublishNotConfirmed`, to be
+published again by the caller; a message the broker nacks raises `PublishRefused`. The topology
+is in `topology` and docs/rabbitmq.md.
 
 This module is the top of the package: it owns the connection and the publishing channel, and
 hands `Declarations`, `ErrorQueues` and each `Consumer` the callables and values they need
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -41,6 +43,7 @@ from tidings.errors import (
     ConnectionFailed,
     NoRoute,
     PublishNotConfirmed,
+    PublishRefused,
     TidingsError,
     TransportClosed,
     TransportError,
@@ -51,6 +54,7 @@ from tidings.transports.rabbitmq.codec import DUE_HEADER, OutgoingMessage, encod
 from tidings.transports.rabbitmq.consumer import Consumer
 from tidings.transports.rabbitmq.declarations import Declarations
 from tidings.transports.rabbitmq.error_queues import ErrorQueues
+from tidings.transports.rabbitmq.properties import decode_leniently
 from tidings.transports.rabbitmq.settings import RabbitMQSettings, redact_url
 from tidings.transports.rabbitmq.topology import (
     MAX_DELAY_MS,
@@ -59,6 +63,12 @@ from tidings.transports.rabbitmq.topology import (
 )
 
 __all__ = ["RabbitMQTransport"]
+
+log = logging.getLogger("tidings.transports.rabbitmq")
+
+# Before any connection reads a frame: a foreign publisher's odd property (a timestamp past 9999,
+# a string that is not UTF-8) must not make pamqp refuse the frame and close the connection.
+decode_leniently()
 
 
 class RabbitMQTransport(Transport):
@@ -202,9 +212,8 @@ class RabbitMQTransport(Transport):
                 f"{self.url}: no confirm for a message to {exchange!r} within {timeout:g} s"
             ) from None
         except DeliveryError as error:
-            raise PublishNotConfirmed(
-                f"{self.url}: RabbitMQ refused a message to {exchange!r}: {error}"
-            ) from None
+            # A nack: the broker's verdict on this message, not a failing connection.
+            raise PublishRefused(f"{self.url}: RabbitMQ refused a message to {exchange!r}: {error}") from None
         except (AMQPError, ChannelInvalidStateError, ConnectionError) as error:
             raise PublishNotConfirmed(
                 f"{self.url}: connection lost before the confirm of a message to {exchange!r}: {error!r}"
@@ -272,13 +281,24 @@ class RabbitMQTransport(Transport):
             await self.send_now(message, queue)
 
     async def store_dead_letter(self, queue: str, headers: Mapping[str, str], body: bytes) -> None:
-        """A delivery's `dead_letter`: its copy goes into `queue`'s error queue."""
-        await self._publish(
-            self.topology.errors_exchange,
-            queue,
-            encode_message(headers, body),
-            no_route=lambda: NoRoute(f"no error queue for {queue!r} at {self.url}"),
-        )
+        """A delivery's `dead_letter`: its copy goes into `queue`'s error queue.
+
+        An error queue that is gone (an operator deleted it) is declared again, as `declare_queue`
+        would at the next start: the copy then has somewhere to go, instead of the message
+        going back to its queue again and again.
+        """
+        message = encode_message(headers, body)
+
+        def no_route() -> NoRoute:
+            return NoRoute(f"no error queue for {queue!r} at {self.url}")
+
+        try:
+            await self._publish(self.topology.errors_exchange, queue, message, no_route=no_route)
+        except NoRoute:
+            log.warning("%s: the error queue %s is gone; declaring it again",
+                        self.url, self.topology.error_queue(queue))  # fmt: skip
+            await self._declarations.declare_error_queue(queue)
+            await self._publish(self.topology.errors_exchange, queue, message, no_route=no_route)
 
     async def postpone(self, queue: str, headers: Mapping[str, str], body: bytes, delay: float) -> None:
         """Send a received message round the delay cascade again (see `_publish_delayed`)."""
