@@ -332,7 +332,6 @@ class Bus:
         # Made per run from the settings of that moment; the handlers, middleware and stats it
         # gets are the bus's own (read live, counted into), so nothing resets or goes stale.
         return Pipeline(
-            service=self.service,
             handlers=self._handlers,
             sender=self._sender,
             stats=self._stats,

@@ -73,16 +73,14 @@ async def _drain(
     hurry: asyncio.Event | None,
 ) -> None:
     """Wait for the handlers in flight (at most `grace` s, or until `hurry`); release the rest."""
-    finished = asyncio.ensure_future(asyncio.wait(set(in_flight), timeout=grace))
-    hurried = asyncio.ensure_future(hurry.wait()) if hurry is not None else None
+    waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(asyncio.wait(set(in_flight), timeout=grace))}
+    if hurry is not None:
+        waiters.add(asyncio.ensure_future(hurry.wait()))
     try:
-        await asyncio.wait(
-            {finished} | ({hurried} if hurried else set()), return_when=asyncio.FIRST_COMPLETED
-        )
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        finished.cancel()
-        if hurried is not None:
-            hurried.cancel()
+        for waiter in waiters:
+            waiter.cancel()
     late = [task for task in in_flight if not task.done()]
     if not late:
         return

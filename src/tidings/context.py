@@ -22,8 +22,6 @@ __all__ = ["Context"]
 class Context:
     """The handled message's envelope, and this service's sender, for one handler call."""
 
-    #: The service handling the message.
-    service: str
     envelope: Envelope
     #: Which call of the handler on this message this is (1 = the first try).
     attempt: int
@@ -33,6 +31,11 @@ class Context:
     #: The handler's database session when the bus has a database (the inbox transaction).
     session: Any = None
     items: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def service(self) -> str:
+        """The service handling the message (the one its sender sends from)."""
+        return self.sender.service
 
     @property
     def message_id(self) -> str:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from tidings.backoff import capped_exponential
 from tidings.context import Context
 from tidings.envelope import DEFAULT_MAX_BODY_SIZE, Envelope, decode_body
 from tidings.errors import DecodeError, Reject, Retry, TransportError, Unavailable
@@ -48,7 +49,6 @@ class Pipeline:
     def __init__(
         self,
         *,
-        service: str,
         handlers: Handlers,
         sender: Sender,
         stats: Stats,
@@ -57,7 +57,7 @@ class Pipeline:
         max_deliveries: int = 10,
         on_dead_letter: DeadLetterHook | None = None,
     ) -> None:
-        self.service = service
+        self.service = sender.service
         # Read at each message, not copied: a handler or middleware added later applies from then on.
         self.handlers = handlers
         self.sender = sender
@@ -125,7 +125,7 @@ class Pipeline:
         first_failure = delivery.headers.get(FAULT_PREFIX + "first-time")
         for immediate in range(calls_per_round):
             attempt = (round_number - 1) * calls_per_round + immediate + 1
-            ctx = Context(self.service, envelope, attempt, queue, self.sender)
+            ctx = Context(envelope, attempt, queue, self.sender)
             try:
                 result = await self._call(ctx, message, registration)
                 if result is not None:
@@ -208,7 +208,7 @@ class Pipeline:
             log.warning("%s: %s; messages go back for later until it recovers", queue, error)
         else:
             log.debug("%s unavailable, message %s back to %s", error, envelope.id, queue)
-        return float(min(MAX_UNAVAILABLE_DELAY, UNAVAILABLE_DELAY * 2 ** min(self._outage_streak - 1, 10)))
+        return capped_exponential(UNAVAILABLE_DELAY, MAX_UNAVAILABLE_DELAY, self._outage_streak - 1)
 
     async def _call(self, ctx: Context, message: Message, registration: Registration) -> Any:
         middleware = self.handlers.middleware

@@ -45,6 +45,7 @@ from datetime import timedelta
 from sqlalchemy import bindparam, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from tidings.backoff import capped_exponential
 from tidings.envelope import Envelope
 from tidings.errors import (
     ConfigurationError,
@@ -83,7 +84,7 @@ MAX_OUTAGE_BACKOFF = 30.0
 
 def outage_delay(failures: int) -> float:
     """Seconds to wait after the `failures`-th failed round in a row (1, 2, ...)."""
-    return float(min(MAX_OUTAGE_BACKOFF, OUTAGE_BACKOFF * 2 ** min(max(failures, 1) - 1, 30)))
+    return capped_exponential(OUTAGE_BACKOFF, MAX_OUTAGE_BACKOFF, failures - 1)
 
 
 @dataclass(slots=True)
@@ -488,9 +489,7 @@ class Relay:
             yield connection
 
     def _backoff(self, attempts: int) -> float:
-        return float(
-            min(self.settings.max_refused_backoff, self.settings.refused_backoff * 2 ** min(attempts, 30))
-        )
+        return capped_exponential(self.settings.refused_backoff, self.settings.max_refused_backoff, attempts)
 
 
 async def _ship_row(transport: Transport, row: OutboxRow) -> None:

@@ -131,13 +131,7 @@ class Sender:
         """Publish an event to every subscribing service; returns once the transport has it."""
         if not isinstance(event, Event):
             raise InvalidMessageType(f"publish() takes an Event, not {type(event).__name__}")
-        envelope = self.envelope_for(
-            event,
-            subject=options.get("subject"),
-            headers=options.get("headers"),
-            correlation_id=options.get("correlation_id"),
-            causation_id=options.get("causation_id"),
-        )
+        envelope = self._envelope(event, options)
         await self.dispatch(
             envelope, queue=None, not_before=options.get("at"), session=options.get("session")
         )
@@ -147,15 +141,19 @@ class Sender:
         if not isinstance(command, Command):
             raise InvalidMessageType(f"send() takes a Command, not {type(command).__name__}")
         queue = options.get("to") or self.routes.of(type(command))
-        envelope = self.envelope_for(
-            command,
+        envelope = self._envelope(command, options)
+        not_before = _when(options.get("delay"), options.get("at"))
+        await self.dispatch(envelope, queue=queue, not_before=not_before, session=options.get("session"))
+
+    def _envelope(self, message: Message, options: PublishOptions) -> Envelope:
+        """`envelope_for` with the envelope fields of `publish`/`send` options."""
+        return self.envelope_for(
+            message,
             subject=options.get("subject"),
             headers=options.get("headers"),
             correlation_id=options.get("correlation_id"),
             causation_id=options.get("causation_id"),
         )
-        not_before = _when(options.get("delay"), options.get("at"))
-        await self.dispatch(envelope, queue=queue, not_before=not_before, session=options.get("session"))
 
     async def reply(self, request: Envelope, reply: Any, *, session: Any = None) -> None:
         """Send `reply` to the instance that sent `request` (its `tidings-reply-to` queue)."""
