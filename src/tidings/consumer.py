@@ -4,6 +4,17 @@ At most `concurrency` messages are in a handler at once. A slot is taken *before
 is pulled, so a cancelled loop never holds a delivery that no task will settle, and with
 concurrency 1 messages are handled one after the other in queue order.
 
+Redelivered messages are handled alone (`isolate_redeliveries`). A message that comes back
+unsettled (`delivery_count` above 1) may be one on which a process died; if this process dies on it
+too, every message it held unsettled goes back with its count raised, and a good message that sat
+next to a poison one in `prefetch` would reach the delivery limit with it. So such a message waits
+until the handlers in flight have finished, everything prefetched goes back to the queue, and it
+is handled with nothing else unsettled; the loop then takes one message at a time until a first
+delivery (`delivery_count` 1) comes, and widens to `prefetch` and `concurrency` again. A loop
+starts in that careful state, because after a death the queue's head is that process's messages.
+What a death costs then falls on the messages being handled, not on their neighbours
+(docs/guarantees.md says what is left: RabbitMQ before 4.3 counts the messages given back too).
+
 Stopping (the loop is cancelled): no new delivery is taken; the handlers in flight get `grace`
 seconds to finish and settle their messages (cut short when `hurry` is set: a second signal).
 Those still running then are cancelled and their deliveries released, so another instance gets
@@ -15,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from tidings.transports.base import Delivery, Transport
@@ -34,6 +45,7 @@ async def consume(
     prefetch: int,
     grace: float | None = None,
     hurry: asyncio.Event | None = None,
+    isolate_redeliveries: bool = True,
 ) -> None:
     """Consume `queue` until cancelled; then let the in-flight handlers finish and settle."""
     slots = asyncio.Semaphore(concurrency)
@@ -43,27 +55,71 @@ async def consume(
         in_flight.pop(task, None)
         slots.release()
 
-    deliveries = transport.receive(queue, prefetch=prefetch)
+    def start(handling: Coroutine[Any, Any, None], delivery: Delivery) -> asyncio.Task[None]:
+        task = asyncio.create_task(handling)
+        in_flight[task] = delivery
+        task.add_done_callback(done)
+        return task
+
+    careful = isolate_redeliveries
+    deliveries: AsyncIterator[Delivery] | None = transport.receive(queue, prefetch=1 if careful else prefetch)
     try:
         while True:
             await slots.acquire()
             try:
+                if deliveries is None:
+                    deliveries = transport.receive(queue, prefetch=1)
                 delivery = await anext(deliveries)
             except BaseException:
                 slots.release()
                 raise
-            task = asyncio.create_task(process(delivery, queue))
-            in_flight[task] = delivery
-            task.add_done_callback(done)
+            if not isolate_redeliveries:
+                start(process(delivery, queue), delivery)
+            elif delivery.delivery_count > 1:
+                if not careful:
+                    # What this receiver prefetched goes back (uncounted where the transport can),
+                    # and nothing more is taken until this one is settled.
+                    await _close(deliveries)
+                    deliveries, careful = None, True
+                # Started at once, so that a shutdown meanwhile finds it in flight (and releases it).
+                alone = start(_after(set(in_flight), process, delivery, queue), delivery)
+                await asyncio.wait({alone})
+            elif careful:
+                # A first delivery: back to the full prefetch and concurrency. The careful receiver
+                # holds nothing else (prefetch 1), so closing it gives nothing back.
+                if prefetch > 1:
+                    await _close(deliveries)
+                    deliveries = transport.receive(queue, prefetch=prefetch)
+                careful = False
+                start(process(delivery, queue), delivery)
+            else:
+                start(process(delivery, queue), delivery)
     finally:
         # Stopping: take no new message, but finish (and so settle) the ones being handled.
         if in_flight:
             await asyncio.shield(_drain(dict(in_flight), queue, grace, hurry))
-        close = getattr(deliveries, "aclose", None)
-        if close is not None:
+        if deliveries is not None:
             # Closing the iterator hands back what the transport prefetched but never yielded.
-            with contextlib.suppress(Exception):
-                await close()
+            await _close(deliveries)
+
+
+async def _after(
+    others: set[asyncio.Task[None]],
+    process: Callable[[Delivery, str], Coroutine[Any, Any, None]],
+    delivery: Delivery,
+    queue: str,
+) -> None:
+    """Handle `delivery` once the handlers in `others` have finished: alone."""
+    if others:
+        await asyncio.wait(others)
+    await process(delivery, queue)
+
+
+async def _close(deliveries: AsyncIterator[Delivery]) -> None:
+    close = getattr(deliveries, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
 
 
 async def _drain(

@@ -135,6 +135,8 @@ class Requests:
                     self._on_reply,
                     concurrency=_REPLY_CONCURRENCY,
                     prefetch=_REPLY_PREFETCH,
+                    # A reply kills no process: nothing to isolate, and replies must not wait.
+                    isolate_redeliveries=False,
                 )
             except Exception:
                 # Without this consumer every request of this instance would time out: keep at it.

@@ -1,11 +1,12 @@
 """A consumer process that dies (`os._exit`) on a poison message, run by `test_poison`.
 
-    python -m tests.recoverability.poison_worker URL SERVICE OUT
+    python -m tests.recoverability.poison_worker URL SERVICE OUT [--defaults]
 
 It handles `Job`: a job whose note is "poison" writes `poison <pid>` to OUT and kills the process
 on the spot (nothing settled, no cleanup), any other job writes `good <n>`. One message at a time
-(`concurrency=1, prefetch=1`), so the poison message is the only one a death leaves unsettled.
-It prints `ready` once its queue is declared.
+(`concurrency=1, prefetch=1`), so the poison message is the only one a death leaves unsettled;
+with `--defaults`, the bus's default concurrency and prefetch, and good jobs that take a moment,
+so that a death leaves many neighbours unsettled. It prints `ready` once its queue is declared.
 """
 
 from __future__ import annotations
@@ -34,21 +35,22 @@ def record(out: str, line: str) -> None:
         os.close(fd)
 
 
-def build(url: str, service: str, out: str) -> Bus:
-    bus = Bus(
-        service,
-        url,
-        concurrency=1,
-        prefetch=1,
-        max_deliveries=MAX_DELIVERIES,
-        retry=RetryPolicy.none(),
-    )
+#: How long a good job takes with `--defaults`: long enough that a poison message is handled
+#: while others are in flight and more are prefetched.
+GOOD_JOB_SECONDS = 0.02
+
+
+def build(url: str, service: str, out: str, *, defaults: bool = False) -> Bus:
+    one_at_a_time: dict[str, int] = {} if defaults else {"concurrency": 1, "prefetch": 1}
+    bus = Bus(service, url, max_deliveries=MAX_DELIVERIES, retry=RetryPolicy.none(), **one_at_a_time)
 
     @bus.handle(Job)
     async def handle(job: Job, ctx: Context) -> None:
         if job.note == POISON:
             record(out, f"{POISON} {os.getpid()}")
             os._exit(POISON_EXIT)
+        if defaults:
+            await asyncio.sleep(GOOD_JOB_SECONDS)
         record(out, f"good {job.n}")
 
     return bus
@@ -59,8 +61,9 @@ async def main() -> None:
     parser.add_argument("url")
     parser.add_argument("service")
     parser.add_argument("out")
+    parser.add_argument("--defaults", action="store_true")
     args = parser.parse_args()
-    bus = build(args.url, args.service, args.out)
+    bus = build(args.url, args.service, args.out, defaults=args.defaults)
     await bus.start()
     print("ready", flush=True)
     await run_worker(bus)

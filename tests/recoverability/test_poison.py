@@ -28,8 +28,8 @@ GOOD = 20
 class Workers(Processes):
     """Poison workers (`tests.recoverability.poison_worker`), none outliving the test."""
 
-    def start_worker(self, url: str, service: str, out: Path) -> subprocess.Popen[str]:
-        return self.start("tests.recoverability.poison_worker", url, service, str(out))
+    def start_worker(self, url: str, service: str, out: Path, *options: str) -> subprocess.Popen[str]:
+        return self.start("tests.recoverability.poison_worker", url, service, str(out), *options)
 
 
 @pytest.fixture
@@ -92,6 +92,46 @@ async def test_a_message_that_kills_its_consumer_process_is_dead_lettered_at_the
     assert failed.fault.attempts == 0  # the delivery that dead-lettered it called no handler
     assert failed.body == poison.body
     assert good_ones(out) == set(range(1, GOOD + 2))
+
+
+NEIGHBOURS = 100
+
+
+@pytest.mark.slow
+async def test_a_poison_message_does_not_take_its_prefetched_neighbours_with_it(
+    durable_url: str, service: str, tmp_path: Path, workers: Workers
+) -> None:
+    # The bus's default concurrency (10) and prefetch (40): each death of a worker leaves the
+    # poison message unsettled together with the neighbours it had in flight and prefetched. Only
+    # the poison message may reach the delivery limit; every neighbour is handled.
+    out = tmp_path / "handled.txt"
+    async with Bus(service, durable_url) as producer:
+        poison = producer.sender.envelope_for(Job(n=0, note=POISON))
+        for n in range(1, NEIGHBOURS + 1):
+            if n == 4:
+                await producer.transport.send(poison, service)
+            await producer.send(Job(n=n), to=service)
+        dead_letters = DeadLetters(producer.transport, service)
+
+        deaths = 0
+        worker = workers.start_worker(durable_url, service, out, "--defaults")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 100
+        while not (len(good_ones(out)) == NEIGHBOURS and await dead_letters.get(poison.id) is not None):
+            assert loop.time() < deadline, f"not settled after {deaths} deaths: {len(good_ones(out))} good"
+            if worker.poll() is not None:
+                assert worker.returncode == POISON_EXIT, "the worker failed for another reason"
+                assert worker.stdout is not None
+                worker.stdout.close()
+                deaths += 1
+                assert deaths <= MAX_DELIVERIES, "the poison message outlived the delivery limit"
+                worker = workers.start_worker(durable_url, service, out, "--defaults")
+            await asyncio.sleep(0.05)
+        failed = await dead_letters.list()
+
+    assert deaths == MAX_DELIVERIES
+    assert [(letter.id, letter.fault.reason) for letter in failed] == [(poison.id, "delivery-limit")]
+    assert good_ones(out) == set(range(1, NEIGHBOURS + 1))
 
 
 class SimulatedDeath(BaseException):
