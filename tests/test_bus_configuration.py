@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import tidings
@@ -15,6 +17,7 @@ from tidings import (
     InvalidMessageType,
     UnknownTransport,
 )
+from tidings.transports import DEFAULT_TRANSPORT
 
 
 class PlaceOrder(Command):
@@ -27,14 +30,25 @@ class OrderPlaced(Event):
 
 @pytest.mark.parametrize("url", ["kafka://localhost:9092", "nonsense", "redis://x"])
 def test_an_unknown_transport_url_is_refused_at_construction(url: str) -> None:
-    with pytest.raises(UnknownTransport, match="no transport for URL scheme"):
+    with pytest.raises(UnknownTransport, match=f"no transport for URL '{url}'"):
         Bus("basket", transport=url)
 
 
-def test_credentials_never_appear_in_the_unknown_scheme_error() -> None:
+def test_the_unknown_scheme_error_shows_the_whole_url_but_the_password() -> None:
     with pytest.raises(UnknownTransport) as caught:
-        Bus("basket", transport="kafka://user:secret@host/")
+        Bus("basket", transport="kafka://user:secret@host:9092/shop?acks=all")
+    assert "'kafka://user:***@host:9092/shop?acks=all' (unknown scheme 'kafka')" in str(caught.value)
     assert "secret" not in str(caught.value)
+
+
+def test_an_empty_tidings_transport_is_treated_as_unset(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIDINGS_TRANSPORT", "")
+    bus = Bus("basket")
+    assert bus.transport.url == DEFAULT_TRANSPORT
+    assert not (tmp_path / "tidings.db").exists()  # made, not opened
 
 
 @pytest.mark.parametrize("service", ["", "   ", "has space"])

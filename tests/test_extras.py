@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 CHECK = textwrap.dedent(
     """
     import importlib.util, sys
-    for extra in ("sqlalchemy", "aiosqlite", "asyncpg", "aio_pika", "aiormq"):
+    for extra in ("sqlalchemy", "aiosqlite", "asyncpg", "aio_pika", "aiormq", "opentelemetry"):
         assert importlib.util.find_spec(extra) is None, f"{extra} is installed: not a bare venv"
 
     import tidings
@@ -103,7 +103,7 @@ def test_a_venv_with_only_the_core_dependency_imports_tidings_and_names_the_miss
 
 
 def test_importing_tidings_loads_no_optional_library() -> None:
-    optional = ("sqlalchemy", "aio_pika", "aiormq")
+    optional = ("sqlalchemy", "aio_pika", "aiormq", "opentelemetry")
     code = f"import sys, tidings; print(sorted(m for m in {optional!r} if m in sys.modules))"
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True

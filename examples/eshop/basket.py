@@ -27,6 +27,7 @@ from examples.eshop.service import (
     parse_options,
     serve_with_database,
     service_bus,
+    start_tracing,
 )
 from tidings import Bus, Context
 
@@ -126,6 +127,7 @@ def build(names: Names, transport: str, engine: AsyncEngine) -> Bus:
 
 async def main() -> None:
     options = parse_options(__doc__ or "basket", database="basket.db")
+    start_tracing(options, options.names.basket)
     assert options.database is not None  # it has a --db option, with a default
     engine = open_database(options.database)
     await create_schema(engine, metadata)

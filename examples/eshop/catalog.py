@@ -38,6 +38,7 @@ from examples.eshop.service import (
     parse_options,
     serve_with_database,
     service_bus,
+    start_tracing,
 )
 from tidings import Bus, Context
 
@@ -107,6 +108,7 @@ async def _reserve(session: AsyncSession, order_id: str, lines: Sequence[m.Line]
 def build(names: Names, transport: str, engine: AsyncEngine) -> Bus:
     """The catalog bus with its handlers (not started)."""
     bus = service_bus(names.catalog, transport, engine)
+    bus.declare_publishes(m.ProductPriceChanged, m.StockReserved, m.StockReservationFailed)
 
     @bus.handle(m.GetProduct)
     async def get_product(request: m.GetProduct, ctx: Context) -> m.ProductDetails:
@@ -182,6 +184,7 @@ def build(names: Names, transport: str, engine: AsyncEngine) -> Bus:
 
 async def main() -> None:
     options = parse_options(__doc__ or "catalog", database="catalog.db")
+    start_tracing(options, options.names.catalog)
     assert options.database is not None  # it has a --db option, with a default
     engine = open_database(options.database)
     await seed(engine)

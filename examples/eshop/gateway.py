@@ -15,6 +15,9 @@ and composes the answers. It holds no state of its own.
 An `X-Correlation-Id` request header becomes the correlation id of every message the call causes
 (a new one otherwise), so the trace of one HTTP call can be followed through every service.
 
+The bus lives in the app's lifespan (`bus.running()`, docs/web-apps.md): started before the first
+HTTP call, consumed under supervision while the server runs, stopped after the last call.
+
     python -m examples.eshop.gateway --transport sqlite:///bus.db [--port 8000]
 """
 
@@ -26,7 +29,7 @@ import contextlib
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
@@ -38,7 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from examples.eshop import messages as m
-from examples.eshop.service import Names, emit, parse_options, write_stats
+from examples.eshop.service import Names, emit, parse_options, start_tracing, write_stats
 from tidings import Bus, Command, RemoteError, Reply, RequestTimeout
 
 #: How long one HTTP call waits for a service's reply before answering 504.
@@ -70,8 +73,29 @@ def _problem(status_code: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status_code)
 
 
-def make_app(bus: Bus) -> Starlette:
-    """The HTTP application over an open `bus`."""
+def make_app(
+    bus: Bus,
+    *,
+    started: Callable[[], None] | None = None,
+    failed: Callable[[BaseException], None] | None = None,
+) -> Starlette:
+    """The HTTP application over `bus`, which its lifespan runs.
+
+    `started` is called once the bus is running, before the first HTTP call is answered; `failed`
+    with the error that ended the bus (at startup, or a fatal one later), before it is raised.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            async with bus.running():
+                if started is not None:
+                    started()
+                yield
+        except Exception as error:
+            if failed is not None:
+                failed(error)
+            raise
 
     async def ask(request: Request, command: Command, expect: type[R]) -> R:
         correlation_id = request.headers.get("x-correlation-id") or f"http-{uuid.uuid4().hex[:12]}"
@@ -164,6 +188,7 @@ def make_app(bus: Bus) -> Starlette:
         return JSONResponse({"service": bus.service})
 
     return Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/health", health),
             Route("/products", list_products),
@@ -172,7 +197,7 @@ def make_app(bus: Bus) -> Starlette:
             Route("/baskets/{buyer}/items", add_item, methods=["POST"]),
             Route("/baskets/{buyer}/checkout", checkout, methods=["POST"]),
             Route("/orders/{order_id}", get_order),
-        ]
+        ],
     )
 
 
@@ -188,20 +213,37 @@ async def main() -> None:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (default: a free one)")
     options = parse_options(__doc__ or "gateway", database=None, extra=own)
+    start_tracing(options, options.names.gateway)
     bus = make_bus(options.names, options.transport)
-    server = _Server(uvicorn.Config(make_app(bus), log_level="warning", lifespan="off"))
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, lambda: setattr(server, "should_exit", True))
+    failures: list[BaseException] = []
     # Port 0: the OS picks a free one, reported in `ready`. The socket listens from here on, so a
     # client that comes before uvicorn accepts waits in the backlog.
     with socket.create_server(("127.0.0.1", options.extra["port"])) as sock:
-        async with bus:
-            port = sock.getsockname()[1]
+        port = sock.getsockname()[1]
+
+        def started() -> None:
             emit("ready", service=bus.service, port=port, url=f"http://127.0.0.1:{port}")
-            await server.serve(sockets=[sock])
-            if options.stats is not None:
-                write_stats(bus, options.stats)
+
+        def failed(error: BaseException) -> None:
+            # uvicorn logs an error out of the lifespan after startup but goes on serving, every
+            # call then failing on the closed bus: stop instead, and exit with an error.
+            failures.append(error)
+            server.should_exit = True
+
+        app = make_app(bus, started=started, failed=failed)
+        if options.trace_dir is not None:
+            from examples.eshop.tracing import HttpSpans
+
+            app = HttpSpans(app)  # a SERVER span per HTTP call: the root of its trace
+        server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, lambda: setattr(server, "should_exit", True))
+        await server.serve(sockets=[sock])
+    if options.stats is not None:
+        write_stats(bus, options.stats)
+    if failures:
+        raise SystemExit(f"{bus.service}: the bus failed: {failures[0]!r}")
     emit("stopped", service=bus.service)
 
 

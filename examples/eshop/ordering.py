@@ -30,6 +30,7 @@ from examples.eshop.service import (
     parse_options,
     serve_with_database,
     service_bus,
+    start_tracing,
 )
 from tidings import Bus, Context
 
@@ -65,6 +66,7 @@ CHARGING = "charging payment"
 def build(names: Names, transport: str, engine: AsyncEngine) -> Bus:
     """The ordering bus with its handlers (not started)."""
     bus = service_bus(names.ordering, transport, engine)
+    bus.declare_publishes(m.OrderConfirmed, m.OrderCancelled)
     bus.route(m.ReserveStock, to=names.catalog)
     bus.route(m.ChargePayment, to=names.payment)
 
@@ -131,6 +133,7 @@ def build(names: Names, transport: str, engine: AsyncEngine) -> Bus:
 
 async def main() -> None:
     options = parse_options(__doc__ or "ordering", database="ordering.db")
+    start_tracing(options, options.names.ordering)
     assert options.database is not None  # it has a --db option, with a default
     engine = open_database(options.database)
     await create_schema(engine, metadata)

@@ -26,6 +26,7 @@ from examples.eshop.service import (
     parse_options,
     serve_with_database,
     service_bus,
+    start_tracing,
 )
 from tidings import Bus, Context, RetryPolicy
 
@@ -54,6 +55,7 @@ class ProviderTimeout(Exception):
 def build(names: Names, transport: str, engine: AsyncEngine, *, limit: Decimal, flaky: frozenset[str]) -> Bus:
     """The payment bus with its handler (not started)."""
     bus = service_bus(names.payment, transport, engine, retry=RETRY)
+    bus.declare_publishes(m.PaymentSucceeded, m.PaymentFailed)
 
     @bus.handle(m.ChargePayment)
     async def charge(command: m.ChargePayment, ctx: Context) -> None:
@@ -89,6 +91,7 @@ async def main() -> None:
         "--flaky-buyer", action="append", default=[], help="the first charge of this buyer fails (repeatable)"
     )
     options = parse_options(__doc__ or "payment", database="payment.db", extra=own)
+    start_tracing(options, options.names.payment)
     assert options.database is not None  # it has a --db option, with a default
     engine = open_database(options.database)
     await create_schema(engine, metadata)

@@ -52,6 +52,8 @@ class Deployment:
     listener: Listener
     #: Extra command-line options per service, e.g. {"payment": ["--limit", "300"]}.
     options: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    #: Where every service records its OpenTelemetry spans (`tracing.py`); None: nowhere.
+    trace_dir: Path | None = None
     services: dict[str, Service] = field(default_factory=dict)
     #: Exit codes of the stopped processes, by service.
     exit_codes: dict[str, int | None] = field(default_factory=dict)
@@ -87,6 +89,8 @@ class Deployment:
         command = [sys.executable, "-m", f"examples.eshop.{name}", "--transport", self.transport]
         # "--suffix=..." in one word: a suffix may start with a dash.
         command += [f"--suffix={self.names.suffix}", f"--stats={stats}", *self.options.get(name, ())]
+        if self.trace_dir is not None:
+            command += ["--trace-dir", str(self.trace_dir)]
         if name != "gateway":
             command += ["--db", str(self.database(name))]
         with log.open("w") as errors:

@@ -7,6 +7,10 @@ Prints a live trace of every message handled (service, type, correlation id, sen
 then a summary, and exits 0 only when every service's database holds what the scenario should
 have left there and the counters say what they should (one duplicate suppressed, one retry, no
 dead letter). Ctrl-C stops every service cleanly (SIGTERM, in-flight messages finished) and exits 130.
+
+With `--trace` every process records its OpenTelemetry spans (`tracing.py`), and the run ends with
+the trace of one checkout drawn as a tree: the HTTP call, the request to basket, the outboxes and
+their relays, and the work of ordering, catalog and payment that the order caused.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class Result:
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     exit_codes: dict[str, int | None] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    #: With tracing: every span every process recorded (`tracing.read_spans`).
+    spans: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -94,13 +100,19 @@ async def run_demo(
     out: TextIO | None = None,
     verbose: bool = False,
     deployment_holder: list[Deployment] | None = None,
+    traced: bool = False,
 ) -> Result:
-    """Start the eshop, run the scenario, stop everything, and report what happened."""
+    """Start the eshop, run the scenario, stop everything, and report what happened.
+
+    `traced`: every process records its spans in `workdir/spans`, and the report ends with the
+    trace of `TRACED_BUYER`'s checkout.
+    """
     names = Names(suffix)
     trace = Trace(names, out=out, verbose=verbose)
     result = Result()
     options = {"payment": ["--limit", str(PAYMENT_LIMIT), "--flaky-buyer", FLAKY_BUYER]}
-    deployment = Deployment(transport, workdir, names, trace.on_line, options)
+    trace_dir = workdir / "spans" if traced else None
+    deployment = Deployment(transport, workdir, names, trace.on_line, options, trace_dir=trace_dir)
     if deployment_holder is not None:
         deployment_holder.append(deployment)
     trace.heading(f"Starting catalog, basket, ordering, payment and gateway on {_redacted(transport)}")
@@ -127,7 +139,27 @@ async def run_demo(
             if code != 0
         ]
     trace.summary(result.stats, list(result.outcome.latencies.values()), result.problems)
+    if trace_dir is not None:
+        _draw_checkout(trace, trace_dir, result)
     return result
+
+
+#: The checkout whose trace `--trace` draws: the one whose payment failed once and was retried.
+TRACED_BUYER = FLAKY_BUYER
+
+
+def _draw_checkout(trace: Trace, trace_dir: Path, result: Result) -> None:
+    from examples.eshop.tracing import checkout_root, draw, read_spans
+
+    result.spans = read_spans(trace_dir)
+    root = checkout_root(result.spans, TRACED_BUYER)
+    if root is None:
+        result.problems.append(f"no trace of {TRACED_BUYER}'s checkout in {trace_dir}")
+        return
+    trace.heading(f"The trace of {TRACED_BUYER}'s checkout ({len(result.spans)} spans recorded in all)")
+    for line in draw(result.spans, root, short=trace.short):
+        print(f"  {line}", file=trace.out)
+    trace.out.flush()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--suffix", default="", help="appended to every service name (queues of their own)")
     parser.add_argument("--verbose", action="store_true", help="also trace the client's polling requests")
+    parser.add_argument(
+        "--trace", action="store_true", help="record OpenTelemetry spans; end with one checkout's trace"
+    )
     return parser
 
 
@@ -159,7 +194,12 @@ async def _main(args: argparse.Namespace, workdir: Path, holder: list[Deployment
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     transport = args.transport or f"sqlite:///{workdir / 'bus.db'}"
     result = await run_demo(
-        transport, workdir, suffix=args.suffix, verbose=args.verbose, deployment_holder=holder
+        transport,
+        workdir,
+        suffix=args.suffix,
+        verbose=args.verbose,
+        deployment_holder=holder,
+        traced=args.trace,
     )
     return 0 if result.ok else 1
 

@@ -1,9 +1,9 @@
 """What every eshop service process shares: options, names, its database, tracing, stats, running.
 
 A service process is started as `python -m examples.eshop.<service> --transport URL --db PATH`
-(plus `--suffix`, `--stats`). It prints one JSON line per event worth showing on stdout: `ready`
-once its queue and bindings are declared, then a `trace` line per handler call. `run.py` reads
-these lines; a human can read them too.
+(plus `--suffix`, `--stats`, `--trace-dir`: see `tracing.py`). It prints one JSON line per event
+worth showing on stdout: `ready` once its queue and bindings are declared, then a `trace` line per
+handler call. `run.py` reads these lines; a human can read them too.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ __all__ = [
     "parse_options",
     "serve",
     "service_bus",
+    "start_tracing",
     "trace",
     "write_stats",
 ]
@@ -93,6 +94,8 @@ class ServiceOptions:
     database: Path | None
     names: Names
     stats: Path | None
+    #: Where this process records its OpenTelemetry spans (None: it records none).
+    trace_dir: Path | None
     #: Options only one service understands (`--limit` for payment, ...), by name.
     extra: dict[str, Any]
 
@@ -114,14 +117,24 @@ def parse_options(
         parser.add_argument("--db", type=Path, default=Path(database), help="this service's SQLite file")
     parser.add_argument("--suffix", default="", help="appended to every service name (test isolation)")
     parser.add_argument("--stats", type=Path, default=None, help="keep bus.stats as JSON in this file")
+    parser.add_argument("--trace-dir", type=Path, default=None, help="record OpenTelemetry spans here")
     args = vars(parser.parse_args(argv))
     return ServiceOptions(
         transport=args.pop("transport"),
         database=args.pop("db", None),
         names=Names(args.pop("suffix")),
         stats=args.pop("stats"),
+        trace_dir=args.pop("trace_dir"),
         extra=args,
     )
+
+
+def start_tracing(options: ServiceOptions, service: str) -> None:
+    """Record this process's spans when `--trace-dir` asks for it (before any bus is made)."""
+    if options.trace_dir is not None:
+        from examples.eshop import tracing  # the OpenTelemetry SDK, only for a traced run
+
+        tracing.start_tracing(options.trace_dir, service)
 
 
 def emit(kind: str, **fields: Any) -> None:

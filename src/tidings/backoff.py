@@ -1,6 +1,7 @@
 """Capped exponential backoff: the one formula behind every "wait longer each time, up to a limit".
 
-Used for outage retries of the consume path, the relay's outage pauses and its refused rows.
+Used for outage retries of the consume path, the relay's outage pauses and its refused rows, and
+the waits before `bus.running()` starts a failed consumer again.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine
-from types import TracebackType
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, Unpack, overload
 
 from tidings.consumer import consume
@@ -34,6 +34,8 @@ from tidings.requests import RequestOptions, Requests
 from tidings.retry import RetryPolicy
 from tidings.sending import PublishOptions, Routes, Sender, SendOptions
 from tidings.stats import Stats
+from tidings.supervision import Supervisor
+from tidings.telemetry import Telemetry, telemetry_for
 from tidings.transports import DEFAULT_TRANSPORT, Transport, transport_from_url
 
 if TYPE_CHECKING:
@@ -81,6 +83,7 @@ class Bus:
         outbox_settings: OutboxSettings | None = None,
         inbox_settings: InboxSettings | None = None,
         shutdown_grace: float = 30.0,
+        telemetry: bool | Telemetry = True,
     ) -> None:
         if not isinstance(service, str) or not service.strip():
             raise ConfigurationError("a Bus needs a non-empty service name")
@@ -96,7 +99,7 @@ class Bus:
             raise ConfigurationError("shutdown_grace must be 0 seconds or more")
         self.service = service
         if transport is None:
-            transport = os.environ.get("TIDINGS_TRANSPORT", DEFAULT_TRANSPORT)
+            transport = os.environ.get("TIDINGS_TRANSPORT") or DEFAULT_TRANSPORT  # empty: unset
         self.transport = transport_from_url(transport) if isinstance(transport, str) else transport
         self.concurrency = concurrency
         self.prefetch = prefetch if prefetch is not None else concurrency * 4
@@ -106,8 +109,13 @@ class Bus:
         #: Seconds a stopping `run()` gives its in-flight handlers to finish before it cancels them
         #: and releases their messages (a second `stop()`, e.g. a second signal, ends it at once).
         self.shutdown_grace = shutdown_grace
+        #: Traces and metrics (`tidings.telemetry`): OpenTelemetry's global providers by default,
+        #: silent without `opentelemetry-api`; `telemetry=False` records and imports nothing.
+        self.telemetry = telemetry_for(telemetry)
         self._stats = Stats()
         self._handlers = Handlers(middleware=list(middleware))
+        # The events this service says it publishes (`declare_publishes`), by wire name.
+        self._publishes: dict[str, type[Event]] = {}
         #: With a database: the transactional outbox (`session=`), its relay, and the inbox
         #: middleware, which wraps `bus.use()` middleware and handlers (docs/outbox-inbox.md).
         self.database = database
@@ -115,11 +123,14 @@ class Bus:
         self.inbox: Inbox | None = None
         self.relay: Relay | None = None
         if database is not None:
+            settings = (outbox_settings, inbox_settings)
             self.outbox, self.relay, self.inbox = _storage(
-                service, database, self.transport, self._stats, outbox_settings, inbox_settings
+                service, database, self.transport, self._stats, *settings, self.telemetry
             )
             self._handlers.middleware.append(self.inbox)
-        self._sender = Sender(service, self.transport, Routes(service, self._handlers.by_type), self.outbox)
+        self._sender = Sender(
+            service, self.transport, Routes(service, self._handlers.by_type), self.outbox, self.telemetry
+        )
         self._requests = Requests(self._sender, self.transport, max_body_size=max_body_size)
         self._open = False
         self._stopping: asyncio.Event | None = None
@@ -201,6 +212,24 @@ class Bus:
         """Send commands of this type to service `to` (the service that owns them)."""
         self._sender.routes.add(command_type, to)
 
+    def declare_publishes(self, *event_types: type[Event]) -> None:
+        """Say that this service publishes these events, for its AsyncAPI document (`tidings
+        asyncapi`). A description only: `publish()` takes any event, declared or not."""
+        for event_type in event_types:
+            if not (isinstance(event_type, type) and issubclass(event_type, Event)):
+                raise InvalidMessageType(f"declare_publishes() takes Event classes, not {event_type!r}")
+            self._publishes[wire_name_of(event_type)] = event_type
+
+    @property
+    def publishes(self) -> Mapping[str, type[Event]]:
+        """The events declared with `declare_publishes`, by wire name (read-only)."""
+        return MappingProxyType(self._publishes)
+
+    @property
+    def registrations(self) -> Mapping[str, Registration]:
+        """What this service subscribes to and handles: its registrations by wire name (read-only)."""
+        return MappingProxyType(self._handlers.by_type)
+
     def use(self, middleware: Middleware) -> None:
         """Add a middleware around every handler call (outermost first); on a running bus, from
         the next message on."""
@@ -223,11 +252,15 @@ class Bus:
         await self.transport.open()
         self._open = True
         self._stop_requested = False
+        await self._declare()
+        await self._requests.open()  # replies are consumed while open, whether run() is or not
+
+    async def _declare(self) -> None:
+        """Declare this service's queue and bind its events (idempotent: `running()` redoes it)."""
         await self.transport.declare_queue(self.queue)
         for name, registration in self._handlers.by_type.items():
             if issubclass(registration.message_type, Event):
                 await self.transport.bind(self.queue, name)
-        await self._requests.open()  # replies are consumed while open, whether run() is or not
 
     async def close(self) -> None:
         """Stop `run()` cleanly, then disconnect.
@@ -256,6 +289,25 @@ class Bus:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    def running(self, *, restart_delay: float = 0.5, max_restart_delay: float = 30.0) -> Supervisor:
+        """`async with bus.running():` start, consume and relay in the background, stop on exit.
+
+        For a web app's lifespan. A consumer that fails on a transient error (`TransportError`,
+        `Unavailable`) is logged and started again after a wait growing from `restart_delay` to
+        `max_restart_delay` seconds; any other error ends the block (its task is cancelled) and is
+        raised out of it. On exit, in-flight handlers finish (within `shutdown_grace`), then the
+        bus closes. See `tidings.supervision` and docs/web-apps.md.
+        """
+        return Supervisor(
+            self.service,
+            start=self.start,
+            run=self.run,
+            redeclare=self._declare,
+            close=self.close,
+            restart_delay=restart_delay,
+            max_restart_delay=max_restart_delay,
+        )
 
     async def run(self) -> None:
         """Consume this service's queue until `stop()`, `close()`, cancellation or a signal.
@@ -328,6 +380,22 @@ class Bus:
         if self._stopping is not None:
             self._stopping.set()
 
+    def _use_transport(self, transport: Transport) -> Transport:
+        """Put `transport` in the place of this bus's, for its parts too; returns the one replaced.
+
+        For `tidings.testing`, whose harness runs a bus on a transport of its own and gives the
+        original back afterwards. Only on a bus that is not open: its consumer, relay and reply
+        queue would go on with the old one. The reply queue gets a new name (a new `Requests`).
+        """
+        if self._open:
+            raise ConfigurationError(f"bus {self.service!r} is open: change its transport before start()")
+        previous, self.transport = self.transport, transport
+        self._sender.transport = transport
+        if self.relay is not None:
+            self.relay.transport = transport
+        self._requests = Requests(self._sender, transport, max_body_size=self.max_body_size)
+        return previous
+
     def _get_pipeline(self) -> Pipeline:
         # Made per run from the settings of that moment; the handlers, middleware and stats it
         # gets are the bus's own (read live, counted into), so nothing resets or goes stale.
@@ -395,6 +463,7 @@ def _storage(
     stats: Stats,
     outbox_settings: OutboxSettings | None,
     inbox_settings: InboxSettings | None,
+    telemetry: Telemetry,
 ) -> tuple[Outbox, Relay, Inbox]:
     """The outbox, its relay and the inbox of a service with a database (the `sql` extra)."""
     try:
@@ -405,7 +474,8 @@ def _storage(
         explain_missing_extra("sql", "Bus(..., database=engine)", error)
         raise
     outbox = Outbox(service, database, outbox_settings)
-    return outbox, Relay(outbox, transport), Inbox(service, database, stats, inbox_settings)
+    relay = Relay(outbox, transport, telemetry)
+    return outbox, relay, Inbox(service, database, stats, inbox_settings, telemetry)
 
 
 def _has_loop() -> bool:

@@ -1,8 +1,9 @@
 """The border of the optional extras: a missing one is a `ConfigurationError` saying what to install.
 
 `import tidings` needs only pydantic. The SQL parts (`database=`: outbox, inbox) need the `sql`
-extra, the RabbitMQ transport (`amqp://`) the `rabbitmq` extra; they are imported when first used,
-and a missing library then names the `pip install` that brings it.
+extra, the RabbitMQ transport (`amqp://`) the `rabbitmq` extra, `tidings asyncapi --yaml` the
+`asyncapi` extra (PyYAML); they are imported when first used, and a missing library then names the
+`pip install` that brings it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ __all__ = ["EXTRAS", "explain_missing_extra"]
 EXTRAS = {
     "sql": ("sqlalchemy", "aiosqlite", "asyncpg", "greenlet"),
     "rabbitmq": ("aio_pika", "aiormq", "pamqp", "yarl"),
+    "asyncapi": ("yaml",),
 }
 
 

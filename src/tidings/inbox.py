@@ -39,6 +39,7 @@ from tidings.storage import inbox_table, utc_now
 from tidings.storage.crashpoints import crash_point
 from tidings.storage.database import delete_in_batches, insert_ignoring_duplicates, translate_errors
 from tidings.storage_settings import InboxSettings
+from tidings.telemetry import NO_TELEMETRY, Telemetry
 
 __all__ = ["Inbox", "InboxSettings"]
 
@@ -59,11 +60,17 @@ class Inbox:
     """The middleware that makes a service's handlers idempotent (see the module docstring)."""
 
     def __init__(
-        self, service: str, engine: AsyncEngine, stats: Stats, settings: InboxSettings | None = None
+        self,
+        service: str,
+        engine: AsyncEngine,
+        stats: Stats,
+        settings: InboxSettings | None = None,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self.service = service
         self.engine = engine
         self.stats = stats
+        self.telemetry = telemetry
         self.settings = settings or InboxSettings()
         # expire_on_commit=False: objects a handler loaded stay readable after the commit.
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
@@ -87,6 +94,7 @@ class Inbox:
                     async with session.begin():
                         if not await self._record(session, ctx.message_id):
                             self.stats.duplicates += 1
+                            self.telemetry.duplicate(self.service, ctx.queue)
                             log.info(
                                 "%s %s was handled before: acknowledged", ctx.envelope.type, ctx.message_id
                             )

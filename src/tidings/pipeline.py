@@ -9,6 +9,9 @@ Each delivery ends settled exactly once:
 - `Retry` / `Reject` from the handler: later without counting a failure / straight to the error queue;
 - `Unavailable` or a `TransportError` (a dependency is down): back to the queue for later, not
   counted as a failure of the handler.
+
+All of it happens within the sender's `telemetry.processing` (the CONSUMER span, current while the
+handler runs), which hears of failed attempts, retries and dead letters and times each settle.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tidings.messages import Message
 from tidings.retry import RetryPolicy
 from tidings.sending import Sender
 from tidings.stats import Stats
+from tidings.telemetry import Processing, traced
 from tidings.transports.base import Delivery
 
 __all__ = ["DeadLetterHook", "Pipeline"]
@@ -62,6 +66,7 @@ class Pipeline:
         self.handlers = handlers
         self.sender = sender
         self.stats = stats
+        self.telemetry = sender.telemetry
         self.retry = retry
         self.max_body_size = max_body_size
         self.max_deliveries = max_deliveries
@@ -71,43 +76,58 @@ class Pipeline:
 
     async def process(self, delivery: Delivery, queue: str) -> None:
         """Handle and settle one delivery. Never raises: a failure to settle is logged."""
+        # Opened before the envelope is read: a message too broken to decode is processed too.
+        span = self.telemetry.processing(
+            self.sender.transport, self.service, delivery.headers, delivery.body, queue
+        )
         try:
-            await self._process(delivery, queue)
+            await self._process(delivery, queue, span)
         except Exception:
             # The delivery may be unsettled now; the transport brings it back (visibility
             # timeout, connection loss). Losing the consumer loop would be worse.
             log.exception("could not settle a message from %s", queue)
+        finally:
+            if span is not None:
+                span.end()
 
-    async def _process(self, delivery: Delivery, queue: str) -> None:
+    async def _process(self, delivery: Delivery, queue: str, span: Processing | None) -> None:
         round_number = _round_of(delivery.headers)
         try:
             envelope = Envelope.from_headers(delivery.headers, delivery.body)
         except DecodeError as error:
-            await self._dead_letter(delivery, queue, error.reason, detail=error.detail)
+            await self._dead_letter(delivery, queue, error.reason, detail=error.detail, span=span)
             return
         if delivery.delivery_count > self.max_deliveries:
             detail = f"delivered {delivery.delivery_count} times without being settled"
-            await self._dead_letter(delivery, queue, "delivery-limit", detail=detail, envelope=envelope)
+            await self._dead_letter(
+                delivery, queue, "delivery-limit", detail=detail, envelope=envelope, span=span
+            )
             return
         registration = self.handlers.by_type.get(envelope.type)
         if registration is None:
             detail = f"service {self.service!r} has no handler for {envelope.type!r}"
-            await self._dead_letter(delivery, queue, "unknown-type", detail=detail, envelope=envelope)
+            await self._dead_letter(
+                delivery, queue, "unknown-type", detail=detail, envelope=envelope, span=span
+            )
             return
         try:
             message = registration.message_type.model_validate(
                 decode_body(envelope, max_size=self.max_body_size)
             )
         except DecodeError as error:
-            await self._dead_letter(delivery, queue, error.reason, detail=error.detail, envelope=envelope)
+            await self._dead_letter(
+                delivery, queue, error.reason, detail=error.detail, envelope=envelope, span=span
+            )
             return
         except Exception as error:
             # Validators may raise more than ValidationError (TypeError, RecursionError, ...). A
             # payload the model cannot be built from is bad input whatever the exception: retrying
             # cannot help, and letting it escape would leave the delivery unsettled.
-            await self._dead_letter(delivery, queue, "invalid-payload", error=error, envelope=envelope)
+            await self._dead_letter(
+                delivery, queue, "invalid-payload", error=error, envelope=envelope, span=span
+            )
             return
-        await self._handle(delivery, queue, envelope, message, registration, round_number)
+        await self._handle(delivery, queue, envelope, message, registration, round_number, span)
 
     async def _handle(
         self,
@@ -117,6 +137,7 @@ class Pipeline:
         message: Message,
         registration: Registration,
         round_number: int,
+        span: Processing | None = None,
     ) -> None:
         policy = registration.retry or self.retry
         calls_per_round = policy.immediate + 1
@@ -134,7 +155,9 @@ class Pipeline:
                     await ctx.reply(result)
             except Retry as intent:
                 self.stats.retries_scheduled += 1
-                await delivery.retry_later(intent.delay, delivery.headers)
+                if span is not None:
+                    span.retrying("retry-requested", intent.delay)
+                await _settled(span, "retry", delivery.retry_later(intent.delay, delivery.headers))
                 return
             except Reject as intent:
                 await self._dead_letter(
@@ -145,14 +168,20 @@ class Pipeline:
                     attempts=attempt,
                     envelope=envelope,
                     first_failure=first_failure,
+                    span=span,
                 )
                 return
             except (Unavailable, TransportError) as error:
                 # Not the handler's fault: back for later, the attempt not counted.
-                await delivery.retry_later(self._outage_delay(error, envelope, queue), delivery.headers)
+                wait = self._outage_delay(error, envelope, queue)
+                if span is not None:
+                    span.retrying("unavailable", wait, error)
+                await _settled(span, "retry", delivery.retry_later(wait, delivery.headers))
                 return
             except Exception as error:
                 self.stats.failed_attempts += 1
+                if span is not None:
+                    span.attempt_failed(error, attempt)
                 first_failure = first_failure or first_failure_time(delivery.headers)
                 log.warning(
                     "handler for %s failed on %s (attempt %d): %r",
@@ -170,6 +199,7 @@ class Pipeline:
                         attempts=attempt,
                         envelope=envelope,
                         first_failure=first_failure,
+                        span=span,
                     )
                     return
                 if immediate + 1 < calls_per_round:
@@ -184,16 +214,19 @@ class Pipeline:
                         attempts=attempt,
                         envelope=envelope,
                         first_failure=first_failure,
+                        span=span,
                     )
                     return
                 self.stats.retries_scheduled += 1
+                if span is not None:
+                    span.retrying("handler-failed", delay, error)
                 headers = dict(delivery.headers)
                 headers[ATTEMPT] = str(round_number + 1)
                 headers[FAULT_PREFIX + "first-time"] = first_failure
-                await delivery.retry_later(delay, headers)
+                await _settled(span, "retry", delivery.retry_later(delay, headers))
                 return
             else:
-                await delivery.ack()
+                await _settled(span, "ack", delivery.ack())
                 self.stats.handled += 1
                 if self._outage_streak:
                     log.info("%s: handling again after %d unavailable attempts", queue, self._outage_streak)
@@ -234,6 +267,7 @@ class Pipeline:
         attempts: int = 0,
         envelope: Envelope | None = None,
         first_failure: str | None = None,
+        span: Processing | None = None,
     ) -> None:
         log.warning("dead-lettering a message from %s: %s", queue, reason)
         original = dict(delivery.headers)
@@ -248,10 +282,17 @@ class Pipeline:
             error=error,
             detail=detail,
         )
-        await delivery.dead_letter(headers)
+        if span is not None:
+            span.dead_lettered(reason, error)
+        await _settled(span, "dead_letter", delivery.dead_letter(headers))
         self.stats.dead_lettered += 1
         if envelope is not None and self.on_dead_letter is not None:
             await self.on_dead_letter(envelope, headers)
+
+
+def _settled(span: Processing | None, operation: str, settling: Awaitable[None]) -> Awaitable[None]:
+    """`settling`, recorded (once awaited) as the `operation` that settles what `span` processes."""
+    return settling if span is None else traced(span.settle(operation), settling)
 
 
 def _bind(middleware: Middleware, call_next: Next) -> Next:

@@ -29,6 +29,10 @@ doubling up to `MAX_OUTAGE_BACKOFF`; it is counted and logged once, however many
 A relay killed between 3 and 4 leaves its rows leased: they are shipped again after the claim
 timeout, and the consumers' inbox drops the duplicate. Sent rows are deleted after the retention
 period, in bounded batches (`Relay.clean_up`).
+
+Telemetry: each send continues the trace stored with its row (the `traceparent` of the code that
+wrote it), and while something reads the outbox gauges the relay counts its unsent rows every
+`BACKLOG_INTERVAL` (`Relay.backlog`).
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, or_, select, text, update
+from sqlalchemy import bindparam, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tidings.backoff import capped_exponential
@@ -60,6 +64,7 @@ from tidings.shutdown import finish_then_cancel
 from tidings.storage import as_utc, outbox_table, utc_now
 from tidings.storage.crashpoints import crash_point
 from tidings.storage.database import delete_in_batches, translate_errors
+from tidings.telemetry import NO_TELEMETRY, OutboxGauges, Telemetry, traced
 from tidings.transports.base import Transport
 
 __all__ = ["Relay", "RelayStats"]
@@ -80,6 +85,9 @@ _REFUSALS = (NoRoute, PublishRefused)
 #: it up to the longest.
 OUTAGE_BACKOFF = 0.5
 MAX_OUTAGE_BACKOFF = 30.0
+
+#: Seconds between a relay's looks at its backlog for the outbox gauges, while something reads them.
+BACKLOG_INTERVAL = 5.0
 
 
 def outage_delay(failures: int) -> float:
@@ -183,9 +191,12 @@ class _Lease:
 class Relay:
     """Ships one service's committed outbox rows to a transport."""
 
-    def __init__(self, outbox: Outbox, transport: Transport) -> None:
+    def __init__(self, outbox: Outbox, transport: Transport, telemetry: Telemetry = NO_TELEMETRY) -> None:
         self.outbox = outbox
         self.transport = transport
+        self.telemetry = telemetry
+        #: The backlog gauges this relay feeds (None: nothing to feed).
+        self.gauges = telemetry.outbox_gauges(outbox.service)
         self.settings = outbox.settings
         self.engine = outbox.engine
         self.service = outbox.service
@@ -199,7 +210,7 @@ class Relay:
     async def run(self) -> None:
         """Ship rows until cancelled; outages are logged and waited out, never raised."""
         loop = asyncio.get_running_loop()
-        next_cleanup = loop.time()
+        next_cleanup = next_look = loop.time()
         failures = 0  # failed rounds in a row: the outage going on, if any
         outage_began = 0.0
         while True:
@@ -245,6 +256,9 @@ class Relay:
                     failures,
                 )
             failures = 0
+            if self.gauges is not None and loop.time() >= next_look and self.gauges.wanted():
+                await self._look_at_backlog(self.gauges)
+                next_look = loop.time() + BACKLOG_INTERVAL
             if not self._more_waiting:
                 await self.outbox.wait_for_work(self.settings.poll_interval)
 
@@ -303,6 +317,23 @@ class Relay:
         shipped = len(result.sent) + len(result.refused)
         self._more_waiting = len(claimed) >= self.settings.batch_size and shipped > 0
         return shipped
+
+    async def backlog(self) -> tuple[int, datetime | None]:
+        """How many rows of this service are not sent yet, and when the oldest of them was written."""
+        query = select(func.count(), func.min(_columns.created_at)).where(
+            _columns.service == self.service, _columns.sent_at.is_(None)
+        )
+        with translate_errors():
+            async with self.engine.connect() as connection:
+                rows, oldest = (await connection.execute(query)).one()
+        return int(rows), as_utc(oldest)
+
+    async def _look_at_backlog(self, gauges: OutboxGauges) -> None:
+        try:
+            gauges.update(*await self.backlog())
+        except Exception as error:
+            # The gauges keep their last value; the round that follows reports a real outage.
+            log.debug("outbox relay of %s: no look at the backlog: %s", self.service, error)
 
     async def clean_up(self) -> int:
         """Delete sent rows older than the retention period, in bounded batches; returns how many."""
@@ -402,7 +433,7 @@ class Relay:
                     if result.outage is not None or (lease is not None and not lease.holds()):
                         return
                     try:
-                        await _ship_row(self.transport, row)
+                        await _ship_row(self.transport, row, self.telemetry)
                     except _REFUSALS as error:
                         result.refused.append((row, error))
                     except TransportError as error:
@@ -492,10 +523,13 @@ class Relay:
         return capped_exponential(self.settings.refused_backoff, self.settings.max_refused_backoff, attempts)
 
 
-async def _ship_row(transport: Transport, row: OutboxRow) -> None:
+async def _ship_row(transport: Transport, row: OutboxRow, telemetry: Telemetry = NO_TELEMETRY) -> None:
     envelope = Envelope.from_headers(json.loads(row.headers), row.body)
     not_before = as_utc(row.not_before)
+    # The send continues the trace stored with the row (its `traceparent`): that of the code that
+    # wrote it, not the relay's.
+    shipping = telemetry.relaying(transport, envelope, row.queue)
     if row.queue is None:
-        await transport.publish(envelope, not_before=not_before)
+        await traced(shipping, transport.publish(envelope, not_before=not_before))
     else:
-        await transport.send(envelope, row.queue, not_before=not_before)
+        await traced(shipping, transport.send(envelope, row.queue, not_before=not_before))

@@ -42,6 +42,7 @@ from tidings.errors import (
 from tidings.headers import FAULT_PREFIX, REPLY_TO, REQUEST_ID
 from tidings.messages import Command, Reply
 from tidings.sending import Sender
+from tidings.telemetry import traced
 from tidings.transports.base import Delivery, Transport
 
 __all__ = ["DEFAULT_REQUEST_TIMEOUT", "FAULT_REPLY_TYPE", "RequestOptions", "Requests"]
@@ -92,6 +93,7 @@ class Requests:
         self._sender = sender
         self._transport = transport
         self._service = sender.service
+        self._telemetry = sender.telemetry
         self._max_body_size = max_body_size
         #: This instance's temporary queue; replies to its requests, and only those, arrive here.
         self.reply_queue = f"{sender.service}.replies.{uuid.uuid4().hex[:12]}"
@@ -144,19 +146,26 @@ class Requests:
                 await asyncio.sleep(_RECONSUME_DELAY)
 
     async def _on_reply(self, delivery: Delivery, queue: str) -> None:
+        span = self._telemetry.processing(
+            self._transport, self._service, delivery.headers, delivery.body, queue
+        )
         request_id = delivery.headers.get(REQUEST_ID)
         waiter = self._pending.pop(request_id, None) if request_id is not None else None
         if waiter is None or waiter.done():
             self.late_replies += 1
+            self._telemetry.late_reply(self._service, queue)
             log.info("dropping a reply to request %s: nobody waits for it any more", request_id)
         else:
             waiter.set_result(_Received(delivery.headers, delivery.body))
         try:
-            await delivery.ack()
+            await traced(span.settle("ack") if span is not None else None, delivery.ack())
         except Exception:
             # The waiting request has its answer; an unacknowledged reply at worst comes back once
             # more and is then dropped as late.
             log.exception("could not acknowledge a reply on %s", queue)
+        finally:
+            if span is not None:
+                span.end()
 
     # -- the requester's side ----------------------------------------------------------------
 
@@ -182,18 +191,31 @@ class Requests:
             correlation_id=options.get("correlation_id"),
             causation_id=options.get("causation_id"),
         )
+        # The send and the wait, the reply's arrival (its processing here) and reading it.
+        asking = self._telemetry.requesting(self._transport, envelope, queue)
+        if asking is None:
+            return await self._ask(envelope, queue, timeout, expect)
+        try:
+            reply = await self._ask(envelope, queue, timeout, expect)
+        except BaseException as error:
+            asking.end(error)
+            raise
+        asking.end()
+        return reply
+
+    async def _ask(self, envelope: Envelope, queue: str, seconds: float, expect: type[Reply] | None) -> Reply:
         # Registered before the send: the reply may arrive before `dispatch` returns.
         waiter: asyncio.Future[_Received] = asyncio.get_running_loop().create_future()
         self._pending[envelope.id] = waiter
         try:
-            async with asyncio.timeout(timeout) as scope:
+            async with asyncio.timeout(seconds) as scope:
                 await self._sender.dispatch(envelope, queue=queue)
                 received = await waiter
         except TimeoutError:
             if not scope.expired():
                 raise  # a TimeoutError of the transport's own, not ours
             raise RequestTimeout(
-                f"no reply to {envelope.type} {envelope.id} from {queue!r} within {timeout} s"
+                f"no reply to {envelope.type} {envelope.id} from {queue!r} within {seconds} s"
             ) from None
         finally:
             self._pending.pop(envelope.id, None)

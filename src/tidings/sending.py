@@ -7,7 +7,9 @@
 - `routes.of` names the queue a command goes to (`Routes`: `Bus.route`, or this service when it
   handles the command itself);
 - `dispatch` hands an envelope to the transport (published when it has no queue, else sent), or,
-  with a database session, writes it to the transactional outbox in that session's transaction.
+  with a database session, writes it to the transactional outbox in that session's transaction;
+  its `telemetry` records the message going out and puts the span's context in the envelope
+  (`traceparent`), stored with the outbox row too (`tidings.telemetry`).
 
 The outbox is reached through the narrow `OutboxWriter` port, so this module needs no SQL library.
 """
@@ -23,6 +25,7 @@ from tidings.envelope import Envelope, new_message_id
 from tidings.errors import ConfigurationError, InvalidMessageType, NoRoute
 from tidings.headers import REPLY_TO, REQUEST_ID
 from tidings.messages import Command, Event, Message, Reply, validate_wire_name, wire_name_of
+from tidings.telemetry import NO_TELEMETRY, Telemetry, traced
 from tidings.transports.base import Transport
 
 __all__ = ["OutboxWriter", "PublishOptions", "Routes", "SendOptions", "Sender"]
@@ -73,10 +76,18 @@ class Routes:
         #: Wire names this service handles (the bus's live registrations): sent to itself.
         self._handled_here = handled_here
         self._routes: dict[str, str] = {}
+        # The classes routed, kept only to describe the routes (`routed()`: tidings.asyncapi).
+        self._types: dict[str, type[Command]] = {}
 
     def add(self, command_type: type[Command], to: str) -> None:
         validate_wire_name(to)
-        self._routes[wire_name_of(command_type)] = to
+        name = wire_name_of(command_type)
+        self._routes[name] = to
+        self._types[name] = command_type
+
+    def routed(self) -> dict[type[Command], str]:
+        """The explicit routes (`Bus.route`), command class -> service; a copy."""
+        return {self._types[name]: to for name, to in self._routes.items()}
 
     def of(self, command_type: type[Command]) -> str:
         """The queue commands of this type go to; `NoRoute` if there is none."""
@@ -95,12 +106,19 @@ class Sender:
     """Builds this service's envelopes and hands them to the transport, or to the outbox."""
 
     def __init__(
-        self, service: str, transport: Transport, routes: Routes, outbox: OutboxWriter | None = None
+        self,
+        service: str,
+        transport: Transport,
+        routes: Routes,
+        outbox: OutboxWriter | None = None,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self.service = service
         self.transport = transport
         self.routes = routes
         self.outbox = outbox
+        #: What this service reports of its work; the parts that get the sender report through it.
+        self.telemetry = telemetry
 
     def envelope_for(
         self,
@@ -190,12 +208,20 @@ class Sender:
         if session is not None:
             if self.outbox is None:
                 raise ConfigurationError("session= needs a bus with a database (the transactional outbox)")
-            await self.outbox.write(session, envelope, queue=queue, not_before=not_before)
+            # The row stores the envelope with its creation context: the relay's send, and the
+            # consumers, continue the trace of the code that wrote it.
+            creation = self.telemetry.creating(self.transport, envelope, queue)
+            if creation is not None:
+                envelope = creation.envelope
+            await traced(creation, self.outbox.write(session, envelope, queue=queue, not_before=not_before))
             return
+        sending = self.telemetry.sending(self.transport, envelope, queue)
+        if sending is not None:
+            envelope = sending.envelope
         if queue is None:
-            await self.transport.publish(envelope, not_before=not_before)
+            await traced(sending, self.transport.publish(envelope, not_before=not_before))
         else:
-            await self.transport.send(envelope, queue, not_before=not_before)
+            await traced(sending, self.transport.send(envelope, queue, not_before=not_before))
 
 
 def _when(delay: timedelta | None, at: datetime | None) -> datetime | None:

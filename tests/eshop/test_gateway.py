@@ -1,7 +1,8 @@
 """The gateway's HTTP edges and the out-of-stock path, with every service in this process.
 
 The services and the gateway run on the in-memory transport with their SQLite databases in a
-temporary folder; the HTTP client calls the Starlette app directly (no server, no port).
+temporary folder; the HTTP client calls the Starlette app directly (no server, no port), its lifespan
+entered as a server enters it, so the gateway runs its bus as in production (`bus.running()`).
 """
 
 from __future__ import annotations
@@ -47,11 +48,11 @@ async def client(engines: dict[str, AsyncEngine]) -> AsyncIterator[httpx.AsyncCl
     ]
     for bus in buses:
         await bus.create_tables()
-    front = gateway.make_bus(names, transport)
-    async with running(*buses), front:
-        app = httpx.ASGITransport(app=gateway.make_app(front))
-        async with httpx.AsyncClient(transport=app, base_url="http://eshop") as client:
-            yield client
+    app = gateway.make_app(gateway.make_bus(names, transport))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://eshop")
+    # The gateway's bus lives in the app's lifespan, entered here as a server would.
+    async with running(*buses), app.router.lifespan_context(app), client:
+        yield client
 
 
 async def test_bad_requests_get_4xx_answers(client: httpx.AsyncClient) -> None:

@@ -127,10 +127,14 @@ async def test_the_command_line_lists_shows_replays_and_purges(
 
     assert await cli("dead-letters", "list", *where) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["ID", "TYPE", "REASON", "ATTEMPTS", "LAST", "FAILURE", "SERVICE"]
+    assert table[0].split() == ["ID", "TYPE", "REASON", "ATTEMPTS", "LAST", "FAILURE", "SERVICE", "MESSAGE"]
     assert sorted(line.split()[0] for line in table[1:]) == sorted(ids.values())
     assert all(line.split()[1:4] == ["rec.job", "handler-failed", "1"] for line in table[1:])
-    assert all(line.split()[-1] == name for line in table[1:])
+    assert all(line.split()[5] == name for line in table[1:])
+    # The fault's message, the exception's: why each one failed, without `show`.
+    assert sorted(line.split(maxsplit=6)[6] for line in table[1:]) == [
+        f"the database is read-only (job {n})" for n in (1, 2, 3)
+    ]
 
     assert await cli("dead-letters", "list", "--json", *where) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -171,7 +175,7 @@ async def test_the_command_line_lists_shows_replays_and_purges(
     service.healthy = False
     await service.fail(4)
     capsys.readouterr()
-    assert await cli("dead-letters", "purge", "--json", *where) == 0
+    assert await cli("dead-letters", "purge", "--yes", "--json", *where) == 0
     assert json.loads(capsys.readouterr().out) == {"purged": 1}
     assert await cli("dead-letters", "list", *where) == 0
     assert capsys.readouterr().out == "no dead letters\n"

@@ -1,55 +1,87 @@
-"""The `tidings` command line.
+"""The `tidings` command line (docs/cli.md).
 
-tidings run package.module:bus [--concurrency N]
-tidings relay package.module:bus
-tidings dead-letters list|show ID|replay ID...|replay --all|purge --service NAME [--transport URL]
+tidings [--log-level LEVEL] COMMAND ...
+
+    run package.module:bus [--transport URL] [--concurrency N]
+    relay package.module:bus [--transport URL]
+    tables create package.module:bus
+    topology package.module:bus [--json]
+    dead-letters list|show ID|replay ID...|replay --all|purge --service NAME [--transport URL]
+    asyncapi package.module:bus ... [--transport URL] [--yaml]
+
+Each command is a module with `add_command(commands)`, which adds its parser to the subparsers and
+sets `run`, the function that carries it out (`args -> exit code`); `main` parses, configures
+logging and calls it.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from tidings.cli import dead_letters
+from tidings.cli import asyncapi, dead_letters, tables, topology, worker
 from tidings.errors import TidingsError
 
 __all__ = ["main"]
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in `--help`; an option whose default is "not given" says its default in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """The parser of `tidings` and of each command under it (subparsers take their parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tidings", description="The tidings service bus.")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="consume a service's messages until SIGINT/SIGTERM")
-    run.add_argument("bus", help="the bus to run, as package.module:attribute")
-    run.add_argument("--concurrency", type=int, default=None, help="handlers at once")
+    parser = _Parser(prog="tidings", description="The tidings service bus (docs/cli.md).")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        metavar="LEVEL",
+        help=f"what is logged, to stderr: {', '.join(LOG_LEVELS)} (any case)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    worker.add_command(commands)
+    tables.add_command(commands)
+    topology.add_command(commands)
     dead_letters.add_command(commands)
-    relay = commands.add_parser("relay", help="ship a service's outbox to the broker until SIGINT/SIGTERM")
-    relay.add_argument("bus", help="the bus whose outbox to relay, as package.module:attribute")
+    asyncapi.add_command(commands)
     return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tidings` command; returns the exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(args)
     try:
-        if args.command == "run":
-            from tidings.cli.worker import load_bus, run_worker
-
-            asyncio.run(run_worker(load_bus(args.bus), concurrency=args.concurrency))
-        elif args.command == "dead-letters":
-            return dead_letters.run_command(args)
-        elif args.command == "relay":
-            from tidings.cli.worker import load_bus, run_relay
-
-            asyncio.run(run_relay(load_bus(args.bus)))
+        code: int = args.run(args)
+    except worker.UserCodeFailed as error:
+        print(f"tidings: {error}\n\n{error.traceback}", file=sys.stderr, end="")
+        return 2
     except TidingsError as error:
         print(f"tidings: {error}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        return 130  # a Ctrl-C outside the worker's own signal handling (a prompt, an import)
+    return code

@@ -1,7 +1,9 @@
 """`tidings dead-letters list|show ID|replay ID...|replay --all|purge`: the error queue from a shell.
 
 The work is `tidings.dead_letters.DeadLetters`'s; this module parses the command and prints (a
-table, one message's fault/headers/body, or JSON with `--json`).
+table, one message's fault/headers/body, or JSON with `--json`). It looks only: a SQLite file that
+is not there is reported, not created, and a missing queue is reported with the file or broker
+looked at. `purge` asks first, unless `--yes`.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
+from tidings.cli.describe import TRANSPORT_VARIABLE, environment_transport, transport_label
 from tidings.dead_letters import DeadLetters, FailedMessage
-from tidings.transports import DEFAULT_TRANSPORT, transport_from_url
+from tidings.errors import ConfigurationError, NoRoute
+from tidings.transports import DEFAULT_TRANSPORT, Transport, transport_from_url
+from tidings.transports.sqlite import SQLiteTransport
 
 __all__ = ["add_command", "run_command", "run_command_async"]
 
@@ -28,7 +33,9 @@ def add_command(commands: Any) -> None:
     common.add_argument(
         "--transport",
         default=None,
-        help=f"transport URL (default: $TIDINGS_TRANSPORT, else {DEFAULT_TRANSPORT})",
+        metavar="URL",
+        help=f"transport URL (default: ${TRANSPORT_VARIABLE}, else {DEFAULT_TRANSPORT}, relative to "
+        "the working directory)",
     )
     common.add_argument("--service", required=True, help="the service whose error queue to use")
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -36,7 +43,7 @@ def add_command(commands: Any) -> None:
     parser = commands.add_parser("dead-letters", help="list, show, replay or purge a service's dead letters")
     actions = parser.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", parents=[common], help="a table of the dead letters, oldest first")
-    listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many")
     show = actions.add_parser("show", parents=[common], help="one dead letter: fault, headers, body")
     show.add_argument("id", help="the message id")
     replay = actions.add_parser(
@@ -45,18 +52,67 @@ def add_command(commands: Any) -> None:
     which = replay.add_mutually_exclusive_group(required=True)
     which.add_argument("ids", nargs="*", default=[], metavar="ID", help="the message ids to replay")
     which.add_argument("--all", action="store_true", help="replay every dead letter")
-    actions.add_parser("purge", parents=[common], help="delete every dead letter of the service")
+    purge = actions.add_parser(
+        "purge", parents=[common], help="delete every dead letter of the service, after asking"
+    )
+    purge.add_argument("--yes", "-y", action="store_true", help="do not ask: delete them")
+    parser.set_defaults(run=run_command)
 
 
 def run_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Run a parsed `tidings dead-letters ...` command; returns the exit code."""
-    return asyncio.run(run_command_async(args, out or sys.stdout))
+    """Run a parsed `tidings dead-letters ...` command; returns the exit code.
+
+    `purge` without `--yes` asks on the terminal first (before any connection: none waits on a
+    person), and purges nothing unless the answer is y.
+    """
+    transport = _transport(args)
+    if args.action == "purge" and not args.yes:
+        where = transport_label(transport)
+        if not _confirm(f"delete every dead letter of service {args.service!r} in {where} for good? [y/N] "):
+            print("nothing purged", file=sys.stderr)
+            return 1
+        args.yes = True
+    return asyncio.run(_run(transport, args, out or sys.stdout))
 
 
 async def run_command_async(args: argparse.Namespace, out: TextIO) -> int:
-    """`run_command` for callers already in an event loop."""
-    url = args.transport or os.environ.get("TIDINGS_TRANSPORT", DEFAULT_TRANSPORT)
-    async with transport_from_url(url) as transport:
+    """`run_command` for callers already in an event loop; it asks nothing (`purge` needs `yes`)."""
+    transport = _transport(args)
+    if args.action == "purge" and not getattr(args, "yes", False):
+        raise ConfigurationError("purge deletes the dead letters for good: pass --yes")
+    return await _run(transport, args, out)
+
+
+def _transport(args: argparse.Namespace) -> Transport:
+    transport = transport_from_url(args.transport or environment_transport())
+    if isinstance(transport, SQLiteTransport) and not os.path.exists(transport.settings.path):
+        # Opening would create an empty database: the wrong directory or a typo would then look
+        # like a service without dead letters.
+        raise ConfigurationError(
+            f"no SQLite database at {os.path.abspath(transport.settings.path)} ({transport.url}), so no "
+            f"error queue of service {args.service!r} there; nothing was created. Name the file the "
+            f"service's bus uses with --transport or ${TRANSPORT_VARIABLE}"
+        )
+    return transport
+
+
+def _confirm(question: str) -> bool:
+    sys.stderr.write(question)  # not stdout, which --json keeps for its JSON
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+async def _run(transport: Transport, args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        return await _act(transport, args, out)
+    except NoRoute as error:
+        # The SQLite transport names the queue only: say which file was looked in.
+        shown = str(error) if transport.url in str(error) else f"{error} in {transport_label(transport)}"
+        raise NoRoute(f"{shown}: has service {args.service!r} run on this transport?") from None
+
+
+async def _act(transport: Transport, args: argparse.Namespace, out: TextIO) -> int:
+    async with transport:
         dead_letters = DeadLetters(transport, args.service)
         if args.action == "list":
             failed = await dead_letters.list(limit=args.limit)
@@ -92,6 +148,10 @@ async def _replay(dead_letters: DeadLetters, args: argparse.Namespace, out: Text
     return 0
 
 
+#: How much of a fault's message `list` prints; `show` prints it whole.
+MESSAGE_CHARS = 80
+
+
 def _clean(text: str, width: int | None = None) -> str:
     # Headers of a dead letter may be hostile: escape control characters so that a crafted type
     # header cannot rewrite the operator's terminal.
@@ -108,7 +168,7 @@ def _when(moment: datetime | None) -> str:
 def _table(failed: Sequence[FailedMessage]) -> str:
     if not failed:
         return "no dead letters\n"
-    header = ("ID", "TYPE", "REASON", "ATTEMPTS", "LAST FAILURE", "SERVICE")
+    header = ("ID", "TYPE", "REASON", "ATTEMPTS", "LAST FAILURE", "SERVICE", "MESSAGE")
     rows = [
         (
             _clean(m.id, 40) or "-",
@@ -117,6 +177,8 @@ def _table(failed: Sequence[FailedMessage]) -> str:
             str(m.fault.attempts),
             _when(m.fault.last_failure),
             _clean(m.fault.service or "-", 30),
+            # The first line of what went wrong: `show ID` has all of it, and the traceback.
+            _clean((m.fault.message or "-").strip().partition("\n")[0], MESSAGE_CHARS) or "-",
         )
         for m in failed
     ]

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 from tidings.errors import UnknownTransport
 from tidings.extras import explain_missing_extra
 from tidings.transports.base import DeadLetter, Delivery, Transport, error_queue_of
+from tidings.transports.urls import redact_url
 
 __all__ = [
     "DEFAULT_TRANSPORT",
@@ -42,7 +43,9 @@ def transport_from_url(url: str) -> Transport:
             raise
 
         return RabbitMQTransport.from_url(url)
+    # The whole URL, so that a typo anywhere in it shows; only the password is hidden.
+    problem = f"unknown scheme {scheme!r}" if scheme else "no scheme"
     raise UnknownTransport(
-        f"no transport for URL scheme {scheme!r} in {url.split('@')[-1]!r}; "
-        f"known schemes: {', '.join(_SCHEMES)}"
+        f"no transport for URL {redact_url(url)!r} ({problem}); known schemes: {', '.join(_SCHEMES)} "
+        f"(e.g. {DEFAULT_TRANSPORT}, amqp://user:password@host:5672/vhost, memory://)"
     )

@@ -3,6 +3,12 @@
 `memory://` names a broker shared by every transport made from that URL in this process, so two
 `Bus` objects made with `transport="memory://"` talk to each other; `memory://other` is a separate
 system. Nothing survives the process.
+
+Time: a delayed message (a retry's delay, or a `not_before`, whose wait is measured from the wall
+clock, as the sender stamped it) comes due once that long has passed on the event loop's clock. A
+transport given `clock=` (a callable returning an aware `datetime`) keeps due times on that clock
+instead, so a test can move time on (`tidings.testing`); after moving it, `MemoryBroker.wake()`
+makes waiting receivers look again at once. Transports that share a broker should share a clock.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import contextlib
 import heapq
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -75,19 +81,13 @@ class MemoryBroker:
         except KeyError:
             raise NoRoute(f"no queue {name!r}") from None
 
+    def wake(self) -> None:
+        """Make every waiting receiver look at its queue again (the clock was moved on)."""
+        for queue in self.queues.values():
+            queue.changed.set()
+
 
 _brokers: dict[str, MemoryBroker] = {}
-
-
-def _clock() -> float:
-    return asyncio.get_running_loop().time()
-
-
-def _visible_at(not_before: datetime | None) -> float:
-    if not_before is None:
-        return 0.0
-    wait = (not_before - datetime.now(UTC)).total_seconds()
-    return _clock() + wait if wait > 0 else 0.0
 
 
 class _MemoryDelivery(Delivery):
@@ -115,7 +115,7 @@ class _MemoryDelivery(Delivery):
 
     async def retry_later(self, delay: float, headers: Mapping[str, str]) -> None:
         if (queue := self._settle()) is not None:
-            queue.put(_Stored(dict(headers), self.body), _clock() + delay if delay > 0 else 0.0)
+            queue.put(_Stored(dict(headers), self.body), self._transport._now() + delay if delay > 0 else 0.0)
 
     async def dead_letter(self, headers: Mapping[str, str]) -> None:
         if self._settle() is not None:
@@ -129,9 +129,16 @@ class _MemoryDelivery(Delivery):
 class MemoryTransport(Transport):
     """A transport whose queues live in this process's memory."""
 
-    def __init__(self, broker: MemoryBroker | None = None, *, url: str = "memory://") -> None:
+    def __init__(
+        self,
+        broker: MemoryBroker | None = None,
+        *,
+        url: str = "memory://",
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.broker = broker if broker is not None else MemoryBroker()
         self.url = url
+        self._clock = clock
         self._open = False
         self._temporary: set[str] = set()
         self._unsettled: dict[int, _MemoryDelivery] = {}
@@ -145,6 +152,20 @@ class MemoryTransport(Transport):
     def _check(self) -> None:
         if not self._open:
             raise TransportClosed(f"{self.url} is not open")
+
+    def _now(self) -> float:
+        """Seconds on the clock due times are kept in: the given clock's, else the event loop's."""
+        if self._clock is not None:
+            return self._clock().timestamp()
+        return asyncio.get_running_loop().time()
+
+    def _visible_at(self, not_before: datetime | None) -> float:
+        if not_before is None:
+            return 0.0
+        # Measured from the wall clock, which the sender stamped `not_before` from, whatever clock
+        # the due time is then kept on.
+        wait = (not_before - datetime.now(UTC)).total_seconds()
+        return self._now() + wait if wait > 0 else 0.0
 
     async def open(self) -> None:
         self._open = True
@@ -180,14 +201,16 @@ class MemoryTransport(Transport):
     async def publish(self, envelope: Envelope, *, not_before: datetime | None = None) -> None:
         self._check()
         headers = envelope.to_headers()
-        visible_at = _visible_at(not_before)
+        visible_at = self._visible_at(not_before)
         for queue in sorted(self.broker.bindings.get(envelope.type, ())):
             if queue in self.broker.queues:
                 self.broker.queues[queue].put(_Stored(headers, envelope.body), visible_at)
 
     async def send(self, envelope: Envelope, queue: str, *, not_before: datetime | None = None) -> None:
         self._check()
-        self.broker.queue(queue).put(_Stored(envelope.to_headers(), envelope.body), _visible_at(not_before))
+        self.broker.queue(queue).put(
+            _Stored(envelope.to_headers(), envelope.body), self._visible_at(not_before)
+        )
 
     async def receive(self, queue: str, *, prefetch: int) -> AsyncIterator[Delivery]:
         self._check()
@@ -198,7 +221,7 @@ class MemoryTransport(Transport):
             self._check()
             mine &= self._unsettled.keys()
             has_room = len(mine) < prefetch
-            item = state.take(_clock()) if has_room else None
+            item = state.take(self._now()) if has_room else None
             if item is None:
                 await self._wait(state, has_room=has_room)
                 continue
@@ -212,7 +235,7 @@ class MemoryTransport(Transport):
         state.changed.clear()
         due = state.next_due()
         # Woken by a put or a settle; the timeout covers delayed messages coming due and close().
-        timeout = min(0.5, max(0.0, due - _clock())) if (due is not None and has_room) else 0.5
+        timeout = min(0.5, max(0.0, due - self._now())) if (due is not None and has_room) else 0.5
         # Not `asyncio.wait_for`: on Python 3.11 it swallows a cancellation that arrives just as the
         # event is set (a settle), and the cancelled receiver would then never stop.
         with contextlib.suppress(TimeoutError):

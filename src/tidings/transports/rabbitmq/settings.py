@@ -13,9 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from tidings.errors import ConnectionFailed
+from tidings.transports.urls import has_ambiguous_authority, redact_url
 
 __all__ = ["QueueType", "RabbitMQSettings", "redact_url"]
 
@@ -34,33 +35,6 @@ class QueueType(StrEnum):
     QUORUM = "quorum"
     #: A single-node classic queue: for brokers or tests that cannot afford quorum queues.
     CLASSIC = "classic"
-
-
-def redact_url(url: str) -> str:
-    """`url` with its password replaced by `***`, safe for messages and logs.
-
-    Read from the parsed URL, not by pattern: the password is what follows the user name's `:`
-    up to the last `@` of the authority. An `@` after the authority (in the path, query or
-    fragment) means an unencoded `/`, `?` or `#` in the password cut the authority short: then
-    nothing after the scheme is shown, since any of it may be part of the password.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    if _ambiguous(parts):
-        return f"{parts.scheme}://***" if parts.scheme else "***"
-    userinfo, at, host = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url  # no password to hide
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def _ambiguous(parts: SplitResult) -> bool:
-    # An unencoded `/`, `?` or `#` in the password ends the authority early, leaving the rest of
-    # the password (and the real host) in the path, query or fragment, with the `@` after it.
-    return "@" in parts.path or "@" in parts.query or "@" in parts.fragment
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,6 +59,16 @@ class RabbitMQSettings:
     def redacted_url(self) -> str:
         return redact_url(self.broker_url)
 
+    @property
+    def vhost(self) -> str:
+        """The vhost the URL names, decoded; `/` when it names none (as the AMQP client reads it)."""
+        return unquote(urlsplit(self.broker_url).path[1:]) or "/"
+
+    @property
+    def user(self) -> str:
+        """The user name the URL names, decoded; the AMQP client's `guest` when it names none."""
+        return unquote(urlsplit(self.broker_url).username or "") or "guest"
+
     @classmethod
     def from_url(cls, url: str) -> RabbitMQSettings:
         """Read the settings from an `amqp://` or `amqps://` URL; `ConnectionFailed` if unusable."""
@@ -97,7 +81,7 @@ class RabbitMQSettings:
             parts = urlsplit(url)
         except ValueError as error:
             raise invalid(str(error)) from None
-        if _ambiguous(parts):
+        if has_ambiguous_authority(parts):
             # Before the port: what looks like one may be a piece of the password.
             raise invalid("an '@' after the host: percent-encode '@', '/', '?' and '#' in the user name "
                           "and password (%40, %2F, %3F, %23), and '@' in the vhost and options")  # fmt: skip

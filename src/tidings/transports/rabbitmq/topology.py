@@ -12,11 +12,15 @@ With the default namespace `tidings`, a service `basket` subscribed to `PriceCha
 - the delay cascade `tidings.delay.v2.00` ... `.31` (see `Topology.delay_level`) and exchange
   `tidings.delayed` (topic), where
   `tidings.basket` is bound with `<32 words>.q.basket` and `<32 words>.e.PriceChanged`.
+
+`describe_topology` and `describe_delay_cascade` give the same as data, with no broker
+(`tidings topology`); `declarations` declares it.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -24,7 +28,18 @@ from typing import Any
 from tidings.transports.base import error_queue_of
 from tidings.transports.rabbitmq.settings import QueueType, RabbitMQSettings
 
-__all__ = ["DELAY_LEVELS", "MAX_DELAY_MS", "DelayKind", "Topology"]
+__all__ = [
+    "DELAY_LEVELS",
+    "MAX_DELAY_MS",
+    "Binding",
+    "DelayKind",
+    "Described",
+    "Exchange",
+    "Queue",
+    "Topology",
+    "describe_delay_cascade",
+    "describe_topology",
+]
 
 #: The cascade has one level per bit of the delay in milliseconds.
 DELAY_LEVELS = 32
@@ -168,3 +183,81 @@ def _destination_words(destination: str) -> str:
     if len(destination.encode()) <= _MAX_DESTINATION:
         return destination
     return "h-" + hashlib.sha256(destination.encode()).hexdigest()
+
+
+# -- what a service declares, as data (`tidings topology`; `declarations` does the declaring) -----
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    name: str
+    type: str  #: "topic" or "direct"
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    source: str
+    destination: str
+    key: str
+    #: "queue", or "exchange" for the delay cascade's exchange-to-exchange bindings.
+    destination_type: str = "queue"
+
+
+@dataclass(frozen=True, slots=True)
+class Described:
+    """Exchanges, queues and bindings, every one durable."""
+
+    exchanges: tuple[Exchange, ...]
+    queues: tuple[Queue, ...]
+    bindings: tuple[Binding, ...]
+
+
+def describe_topology(topology: Topology, queue: str, event_types: Iterable[str]) -> Described:
+    """What opening the transport, `declare_queue(queue)` and `bind(queue, e)` for each event type
+    declare: the namespace's exchanges, the queue and its error queue, and their bindings."""
+    main, errors = topology.queue(queue), topology.error_queue(queue)
+    bindings = [
+        Binding(topology.commands_exchange, main, queue),
+        Binding(topology.delayed_exchange, main, topology.delayed_binding(DelayKind.QUEUE, queue)),
+        Binding(topology.errors_exchange, errors, queue),
+        Binding(topology.commands_exchange, errors, error_queue_of(queue)),
+    ]
+    for event_type in event_types:
+        bindings.append(Binding(topology.events_exchange, main, event_type))
+        bindings.append(
+            Binding(topology.delayed_exchange, main, topology.delayed_binding(DelayKind.EVENT, event_type))
+        )
+    return Described(
+        exchanges=(
+            Exchange(topology.events_exchange, "topic"),
+            Exchange(topology.commands_exchange, "direct"),
+            Exchange(topology.errors_exchange, "direct"),
+            Exchange(topology.delayed_exchange, "topic"),
+        ),
+        queues=(
+            Queue(main, topology.queue_arguments(queue, temporary=False)),
+            Queue(errors, topology.error_queue_arguments(temporary=False)),
+        ),
+        bindings=tuple(bindings),
+    )
+
+
+def describe_delay_cascade(topology: Topology) -> Described:
+    """The delay cascade, which the transport declares at the first delayed message."""
+    levels = [topology.delay_level(level) for level in range(DELAY_LEVELS)]
+    bindings: list[Binding] = []
+    for level, name in enumerate(levels):
+        into_queue, onward = topology.delay_level_bindings(level)
+        bindings.append(Binding(name, name, into_queue))
+        bindings.append(Binding(name, topology.delay_level_target(level), onward, "exchange"))
+    return Described(
+        exchanges=tuple(Exchange(name, "topic") for name in levels),
+        queues=tuple(Queue(name, topology.delay_queue_arguments(level)) for level, name in enumerate(levels)),
+        bindings=tuple(bindings),
+    )

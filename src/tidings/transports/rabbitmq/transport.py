@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from datetime import UTC, datetime
 
 import aio_pika
@@ -34,6 +35,7 @@ from aio_pika.exceptions import (
     AuthenticationError,
     ChannelInvalidStateError,
     DeliveryError,
+    InvalidFrameError,
     ProbableAuthenticationError,
     PublishError,
 )
@@ -69,6 +71,33 @@ log = logging.getLogger("tidings.transports.rabbitmq")
 # Before any connection reads a frame: a foreign publisher's odd property (a timestamp past 9999,
 # a string that is not UTF-8) must not make pamqp refuse the frame and close the connection.
 decode_leniently()
+
+
+class _FirstConnection:
+    """One `open()`'s first connection attempt; `over` once it has succeeded or failed."""
+
+    __slots__ = ("over",)
+
+    def __init__(self) -> None:
+        self.over = False
+
+
+# Set while open() makes its first connection. aio-pika and aiormq log that attempt's failure
+# ("error when creating transport", "Connection ... closed. Reconnecting after 1 seconds") though
+# fail_fast raises it to open() and nothing reconnects: open()'s ConnectionFailed says it once.
+# The tasks the attempt starts copy this context; the flag object is shared, so their records
+# after the attempt (a later reconnection's) pass again.
+_first_connection: ContextVar[_FirstConnection | None] = ContextVar("tidings_first_connection", default=None)
+
+
+class _QuietFirstConnection(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        attempt = _first_connection.get()
+        return attempt is None or attempt.over
+
+
+for _logger in ("aio_pika.robust_connection", "aiormq.connection"):
+    logging.getLogger(_logger).addFilter(_QuietFirstConnection())
 
 
 class RabbitMQTransport(Transport):
@@ -125,6 +154,8 @@ class RabbitMQTransport(Transport):
             reconnect_interval=self.settings.reconnect_interval,
             client_properties={"connection_name": f"tidings {self.settings.namespace}"},
         )
+        attempt = _FirstConnection()
+        quiet = _first_connection.set(attempt)
         try:
             async with asyncio.timeout(timeout):
                 await connection.connect(timeout=timeout)
@@ -133,6 +164,9 @@ class RabbitMQTransport(Transport):
         except BaseException as error:
             await _close_quietly(connection)
             raise self._connection_error(error, timeout) from None
+        finally:
+            attempt.over = True
+            _first_connection.reset(quiet)
         self._connection = connection
 
     def _connection_error(self, error: BaseException, timeout: float) -> BaseException:
@@ -141,6 +175,14 @@ class RabbitMQTransport(Transport):
         if isinstance(error, AuthenticationError | ProbableAuthenticationError):
             return ConnectionFailed(
                 f"RabbitMQ at {self.url} refused the credentials (check user, password, vhost): {error}"
+            )
+        if isinstance(error, InvalidFrameError) and "Connection.Close" in str(error):
+            # The broker closed the connection instead of opening the vhost (aiormq reports
+            # only the frame's type, not its text): it does not exist or the user may not use it.
+            vhost, user = self.settings.vhost, self.settings.user
+            return ConnectionFailed(
+                f"RabbitMQ at {self.url} refused vhost {vhost!r}: it does not exist, or user {user!r} "
+                f"has no permission on it (rabbitmqctl list_vhosts; list_permissions -p {vhost})"
             )
         if isinstance(error, TidingsError | asyncio.CancelledError):
             return error
