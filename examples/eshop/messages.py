@@ -15,6 +15,7 @@ Who sends what:
     ordering -> catalog   ReserveStock
     ordering -> payment   ChargePayment
     ordering => *         OrderConfirmed, OrderCancelled
+    ordering -> ordering  PaymentTimedOut (the order process's timeout, to itself)
     payment  => *         PaymentSucceeded, PaymentFailed
 
 (`->` a command to its one owner, `=>` an event to every subscriber.)
@@ -155,6 +156,10 @@ class OrderView(Reply, name="ordering.order-view"):
     step: str | None = None
     total: Decimal | None = None
     reason: str | None = None
+
+
+class PaymentTimedOut(Command, name="ordering.payment-timed-out"):
+    """The order process's own timeout: no answer from payment in time (`ctx.timeout`)."""
 
 
 class OrderConfirmed(Event):

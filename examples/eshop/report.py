@@ -63,8 +63,17 @@ class Trace:
                 self._delivery(line)
         elif line.get("kind") == "ready":
             self.say(self.short(line["service"]), "ready" + (f" at {line['url']}" if "url" in line else ""))
+        elif line.get("kind") == "saga":  # a step of ordering's order process (ordering.py)
+            self._saga_step(line)
         elif line.get("kind") == "stopped":
             self.say(self.short(line["service"]), "stopped cleanly (in-flight messages settled)")
+
+    def _saga_step(self, line: Mapping[str, Any]) -> None:
+        after = f"{line['after']} (completed)" if line["completed"] else line["after"]
+        moved = f"{line['before']} -> {after}" if line["before"] else f"started -> {after}"
+        self.say(
+            self.short(line["service"]), f"saga {line['key']}: {moved} on {line['message']}", at=line["t"]
+        )
 
     def seen(self, predicate: Callable[[Mapping[str, Any]], bool]) -> bool:
         return any(predicate(line) for line in self.deliveries)

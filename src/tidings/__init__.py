@@ -32,6 +32,20 @@ from tidings.handlers import Handler, Middleware, Next
 from tidings.messages import Command, Event, Message, Reply
 from tidings.requests import RequestOptions
 from tidings.retry import RetryPolicy
+from tidings.sagas import (
+    Finder,
+    MissingPolicy,
+    Saga,
+    SagaContext,
+    SagaSettings,
+    SagaStats,
+    Transition,
+    correlation,
+    handles,
+    header,
+    starts,
+    timeout,
+)
 from tidings.sending import PublishOptions, Sender, SendOptions
 from tidings.stats import Stats
 from tidings.storage_settings import InboxSettings, OutboxSettings
@@ -64,6 +78,19 @@ __all__ = [
     "Retry",
     "Reject",
     "DeadLetters",
+    # Sagas (with `Bus(..., database=engine)`; docs/sagas.md)
+    "Saga",
+    "SagaContext",
+    "starts",
+    "handles",
+    "timeout",
+    "header",
+    "correlation",
+    "Finder",
+    "MissingPolicy",
+    "SagaSettings",
+    "SagaStats",
+    "Transition",
     # Outbox and inbox (with `Bus(..., database=engine)`)
     "OutboxSettings",
     "InboxSettings",

@@ -17,17 +17,18 @@ for its messages, so each message is handled by one instance.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, Unpack, overload
 
+from tidings.audit import Audit, AuditSettings, audit_for
 from tidings.consumer import consume
 from tidings.envelope import DEFAULT_MAX_BODY_SIZE
 from tidings.errors import ConfigurationError, DuplicateHandler, InvalidMessageType
 from tidings.extras import explain_missing_extra
 from tidings.handlers import Handler, Handlers, Middleware, Registration
+from tidings.logs import logger
 from tidings.messages import Command, Event, Message, Reply, validate_wire_name, wire_name_of
 from tidings.pipeline import Pipeline
 from tidings.requests import RequestOptions, Requests
@@ -44,10 +45,12 @@ if TYPE_CHECKING:
     from tidings.inbox import Inbox, InboxSettings
     from tidings.outbox import Outbox, OutboxSettings
     from tidings.relay import Relay
+    from tidings.sagas import Saga, SagaSettings
+    from tidings.sagas.registry import Sagas
 
 __all__ = ["DEFAULT_TRANSPORT", "Bus"]
 
-log = logging.getLogger("tidings.bus")
+log = logger("tidings.bus")
 
 H = TypeVar("H", bound=Handler)
 R = TypeVar("R", bound=Reply)
@@ -82,8 +85,10 @@ class Bus:
         database: AsyncEngine | None = None,
         outbox_settings: OutboxSettings | None = None,
         inbox_settings: InboxSettings | None = None,
+        saga_settings: SagaSettings | None = None,
         shutdown_grace: float = 30.0,
         telemetry: bool | Telemetry = True,
+        audit: bool | AuditSettings | None = None,
     ) -> None:
         if not isinstance(service, str) or not service.strip():
             raise ConfigurationError("a Bus needs a non-empty service name")
@@ -112,6 +117,11 @@ class Bus:
         #: Traces and metrics (`tidings.telemetry`): OpenTelemetry's global providers by default,
         #: silent without `opentelemetry-api`; `telemetry=False` records and imports nothing.
         self.telemetry = telemetry_for(telemetry)
+        #: The audit feed and heartbeats (`tidings.audit`, docs/dashboard.md): `audit=True`, an
+        #: `AuditSettings`, or with None $TIDINGS_AUDIT=1. It hears deliveries through the telemetry.
+        self.audit: Audit | None = audit_for(audit, service)
+        if self.audit is not None:
+            self.telemetry = self.audit.telemetry(self.telemetry)
         self._stats = Stats()
         self._handlers = Handlers(middleware=list(middleware))
         # The events this service says it publishes (`declare_publishes`), by wire name.
@@ -122,6 +132,9 @@ class Bus:
         self.outbox: Outbox | None = None
         self.inbox: Inbox | None = None
         self.relay: Relay | None = None
+        #: The sagas this service runs (`saga()`, docs/sagas.md), made with the first one.
+        self.sagas: Sagas | None = None
+        self._saga_settings = saga_settings
         if database is not None:
             settings = (outbox_settings, inbox_settings)
             self.outbox, self.relay, self.inbox = _storage(
@@ -230,6 +243,18 @@ class Bus:
         """What this service subscribes to and handles: its registrations by wire name (read-only)."""
         return MappingProxyType(self._handlers.by_type)
 
+    def saga(self, saga_type: type[Saga[Any]], *, retry: RetryPolicy | None = None) -> None:
+        """Run the saga `saga_type` in this service: each message type it takes is registered like
+        a handler of its own. Needs a database (the state, the inbox and the outbox commit together)."""
+        if self.database is None:
+            raise ConfigurationError("a saga needs a bus with a database: Bus(..., database=engine)")
+        if self.sagas is None:
+            from tidings.sagas.registry import Sagas
+
+            self.sagas = Sagas(self.service, self.database, self._saga_settings)
+        for message_type, handler in self.sagas.add(saga_type):
+            self._register(message_type, retry)(handler)
+
     def use(self, middleware: Middleware) -> None:
         """Add a middleware around every handler call (outermost first); on a running bus, from
         the next message on."""
@@ -249,6 +274,8 @@ class Bus:
             from tidings.storage import require_tables
 
             await require_tables(self.database)
+            if self.sagas is not None:
+                await self.sagas.require_table()
         await self.transport.open()
         self._open = True
         self._stop_requested = False
@@ -258,6 +285,8 @@ class Bus:
     async def _declare(self) -> None:
         """Declare this service's queue and bind its events (idempotent: `running()` redoes it)."""
         await self.transport.declare_queue(self.queue)
+        if self.audit is not None:
+            await self.transport.declare_queue(self.audit.queue)
         for name, registration in self._handlers.by_type.items():
             if issubclass(registration.message_type, Event):
                 await self.transport.bind(self.queue, name)
@@ -333,7 +362,7 @@ class Bus:
             )
         )
         stopping = asyncio.create_task(self._stopping.wait())
-        storage = [asyncio.create_task(job) for job in self._storage_jobs()]
+        storage = [asyncio.create_task(job) for job in (*self._storage_jobs(), *self._audit_jobs())]
         try:
             await asyncio.wait({consuming, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -354,7 +383,14 @@ class Bus:
     def _storage_jobs(self) -> list[Coroutine[Any, Any, None]]:
         if self.relay is None or self.inbox is None:
             return []
-        return [self.relay.run(), self.inbox.clean_up_forever()]
+        jobs = [self.relay.run(), self.inbox.clean_up_forever()]
+        return jobs if self.sagas is None else [*jobs, self.sagas.clean_up_forever()]
+
+    def _audit_jobs(self) -> list[Coroutine[Any, Any, None]]:
+        if self.audit is None:
+            return []
+        relay = self.relay.stats if self.relay is not None else None
+        return self.audit.jobs(self.transport, self._stats, relay)
 
     async def create_tables(self) -> None:
         """Create the outbox and inbox tables if missing (a quick start; migrations: `tidings.storage`)."""
@@ -363,6 +399,8 @@ class Bus:
         from tidings.storage import create_tables
 
         await create_tables(self.database)
+        if self.sagas is not None:
+            await self.sagas.create_table()
 
     def stop(self) -> None:
         """Ask `run()` to stop taking messages; it returns once in-flight ones are settled.

@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+from tidings.logs import logger
 from tidings.transports.base import Delivery, Transport
 
 __all__ = ["consume"]
 
-log = logging.getLogger("tidings.consumer")
+log = logger("tidings.consumer")
 
 
 async def consume(

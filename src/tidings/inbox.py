@@ -23,7 +23,6 @@ bounded batches by `Inbox.clean_up` (run by `Bus.run()`).
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from sqlalchemy import insert
@@ -33,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from tidings.context import Context
 from tidings.errors import TransportError, Unavailable
 from tidings.handlers import Next
+from tidings.logs import logger
 from tidings.messages import Message, Reply
 from tidings.stats import Stats
 from tidings.storage import inbox_table, utc_now
@@ -43,7 +43,7 @@ from tidings.telemetry import NO_TELEMETRY, Telemetry
 
 __all__ = ["Inbox", "InboxSettings"]
 
-log = logging.getLogger("tidings.inbox")
+log = logger("tidings.inbox")
 
 _columns = inbox_table.c
 

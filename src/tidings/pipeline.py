@@ -16,7 +16,6 @@ handler runs), which hears of failed attempts, retries and dead letters and time
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -27,6 +26,7 @@ from tidings.errors import DecodeError, Reject, Retry, TransportError, Unavailab
 from tidings.faults import fault_headers, first_failure_time
 from tidings.handlers import Handlers, Middleware, Next, Registration
 from tidings.headers import ATTEMPT, FAULT_PREFIX
+from tidings.logs import Outage, about, logger
 from tidings.messages import Message
 from tidings.retry import RetryPolicy
 from tidings.sending import Sender
@@ -36,7 +36,7 @@ from tidings.transports.base import Delivery
 
 __all__ = ["DeadLetterHook", "Pipeline"]
 
-log = logging.getLogger("tidings.pipeline")
+log = logger("tidings.pipeline")
 
 #: How long a message waits before it is tried again when a dependency was unavailable: the first
 #: wait of an outage, doubled for each further unavailable attempt in a row, up to the longest.
@@ -73,6 +73,7 @@ class Pipeline:
         self.on_dead_letter = on_dead_letter
         # Unavailable attempts in a row (across messages): an outage, waited out with backoff.
         self._outage_streak = 0
+        self._outage = Outage(log, f"a dependency of {self.service}'s handlers")
 
     async def process(self, delivery: Delivery, queue: str) -> None:
         """Handle and settle one delivery. Never raises: a failure to settle is logged."""
@@ -81,7 +82,8 @@ class Pipeline:
             self.sender.transport, self.service, delivery.headers, delivery.body, queue
         )
         try:
-            await self._process(delivery, queue, span)
+            with about(delivery.headers, self.service):  # log records say which message
+                await self._process(delivery, queue, span)
         except Exception:
             # The delivery may be unsettled now; the transport brings it back (visibility
             # timeout, connection loss). Losing the consumer loop would be worse.
@@ -229,18 +231,17 @@ class Pipeline:
                 await _settled(span, "ack", delivery.ack())
                 self.stats.handled += 1
                 if self._outage_streak:
-                    log.info("%s: handling again after %d unavailable attempts", queue, self._outage_streak)
                     self._outage_streak = 0
+                    self._outage.up()
                 return
 
     def _outage_delay(self, error: BaseException, envelope: Envelope, queue: str) -> float:
         """Count an unavailable attempt and say how long its message waits (one log line an outage)."""
         self.stats.unavailable += 1
         self._outage_streak += 1
-        if self._outage_streak == 1:
-            log.warning("%s: %s; messages go back for later until it recovers", queue, error)
-        else:
-            log.debug("%s unavailable, message %s back to %s", error, envelope.id, queue)
+        # One WARNING when the outage starts, one INFO when a message is handled again.
+        quiet = isinstance(error, TransportError) and self.sender.transport.in_outage
+        self._outage.down(f"{error}; messages go back to {queue} for later", quiet=quiet)
         return capped_exponential(UNAVAILABLE_DELAY, MAX_UNAVAILABLE_DELAY, self._outage_streak - 1)
 
     async def _call(self, ctx: Context, message: Message, registration: Registration) -> Any:
@@ -269,7 +270,16 @@ class Pipeline:
         first_failure: str | None = None,
         span: Processing | None = None,
     ) -> None:
-        log.warning("dead-lettering a message from %s: %s", queue, reason)
+        log.warning(
+            "%s: dead-lettering %s %s from queue %s: %s (%s)",
+            self.service,
+            delivery.headers.get("type", "a message"),
+            delivery.headers.get("id", "without an id"),
+            queue,
+            reason,
+            detail or (repr(error) if error is not None else "no detail"),
+            extra={"reason": reason},
+        )
         original = dict(delivery.headers)
         if first_failure is not None:
             original[FAULT_PREFIX + "first-time"] = first_failure

@@ -58,6 +58,7 @@ from tidings.errors import (
     TransportError,
     Unavailable,
 )
+from tidings.logs import logger
 from tidings.outbox import Outbox
 from tidings.outbox_order import OutboxRow, plan
 from tidings.shutdown import finish_then_cancel
@@ -69,7 +70,7 @@ from tidings.transports.base import Transport
 
 __all__ = ["Relay", "RelayStats"]
 
-log = logging.getLogger("tidings.relay")
+log = logger("tidings.relay")
 
 _table = outbox_table
 _columns = _table.c
@@ -237,7 +238,10 @@ class Relay:
                     self.stats.outages += 1
                     outage_began = loop.time()
                     if isinstance(error, TransportError | Unavailable | ConfigurationError):
-                        log.warning(
+                        # The transport logged its broker's outage already: this is one effect of it.
+                        level = logging.INFO if self.transport.in_outage else logging.WARNING
+                        log.log(
+                            level,
                             "outbox relay of %s: %s; trying again in %.1fs, backing off up to %.0fs",
                             self.service,
                             error,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from tidings.errors import (
     TransportClosed,
 )
 from tidings.headers import FAULT_PREFIX, REPLY_TO, REQUEST_ID
+from tidings.logs import logger
 from tidings.messages import Command, Reply
 from tidings.sending import Sender
 from tidings.telemetry import traced
@@ -47,7 +47,7 @@ from tidings.transports.base import Delivery, Transport
 
 __all__ = ["DEFAULT_REQUEST_TIMEOUT", "FAULT_REPLY_TYPE", "RequestOptions", "Requests"]
 
-log = logging.getLogger("tidings.requests")
+log = logger("tidings.requests")
 
 #: How long `Bus.request` waits for a reply when no `timeout=` is given, in seconds.
 DEFAULT_REQUEST_TIMEOUT = 30.0

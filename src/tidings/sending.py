@@ -16,7 +16,6 @@ The outbox is reached through the narrow `OutboxWriter` port, so this module nee
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Container, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypedDict, Unpack
@@ -24,13 +23,14 @@ from typing import Any, Protocol, TypedDict, Unpack
 from tidings.envelope import Envelope, new_message_id
 from tidings.errors import ConfigurationError, InvalidMessageType, NoRoute
 from tidings.headers import REPLY_TO, REQUEST_ID
+from tidings.logs import logger
 from tidings.messages import Command, Event, Message, Reply, validate_wire_name, wire_name_of
 from tidings.telemetry import NO_TELEMETRY, Telemetry, traced
 from tidings.transports.base import Transport
 
 __all__ = ["OutboxWriter", "PublishOptions", "Routes", "SendOptions", "Sender"]
 
-log = logging.getLogger("tidings.sending")
+log = logger("tidings.sending")
 
 
 class PublishOptions(TypedDict, total=False):

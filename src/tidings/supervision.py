@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
 from tidings.backoff import capped_exponential
 from tidings.errors import ConfigurationError, TransportClosed, TransportError, Unavailable
+from tidings.logs import logger
 
 __all__ = ["Supervisor", "is_transient"]
 
-log = logging.getLogger("tidings.supervision")
+log = logger("tidings.supervision")
 
 Step = Callable[[], Awaitable[None]]
 

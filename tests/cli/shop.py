@@ -17,6 +17,7 @@ from tidings import Command, Event
 
 BASKET = """
 import asyncio
+import logging
 import os
 
 from tidings import Bus, Command, Context, Event, RetryPolicy
@@ -43,6 +44,7 @@ async def reprice(event: PriceChanged, ctx: Context) -> None: ...
 
 @bus.handle(Checkout)
 async def checkout(command: Checkout, ctx: Context) -> None:
+    logging.getLogger("shop").info("checking out %s", command.buyer)
     with open(os.environ["APP_OUT"], "a") as out:
         out.write(f"started {command.buyer}\\n")
     if command.buyer == "mallory":

@@ -203,16 +203,23 @@ async def test_open_and_close_are_idempotent(make_url: Callable[..., str]) -> No
         await transport.declare_queue("q")
 
 
-async def test_a_connection_lost_after_it_was_made_is_still_logged_by_the_client(
+async def test_a_connection_lost_after_it_was_made_is_logged_once_by_tidings_the_client_at_debug(
     make_url: Callable[..., str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Only the first attempt's records are held back: a later loss is the client's to report.
-    caplog.set_level(logging.INFO)
+    # A later loss is an outage: tidings' one WARNING says it; the client's records of each
+    # reconnection attempt are kept, at DEBUG (tests/transports/test_rabbitmq_outage_logs.py).
+    caplog.set_level(logging.DEBUG)
     async with TcpProxy(BROKER) as proxy:  # noqa: SIM117 (the transport's URL needs the proxy)
         async with RabbitMQTransport.from_url(proxy.rewrite(make_url(reconnect_interval=0.1))) as transport:
             await transport.declare_queue("q")
             proxy.cut()
             async with asyncio.timeout(20):
-                while not any("Reconnecting" in line for line in client_records(caplog)):  # noqa: ASYNC110
+                while not any("Reconnecting" in str(r.msg) for r in caplog.records):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             await transport.declare_queue("q")  # reconnected: nothing is left half-way at close
+    client = [r for r in caplog.records if r.name.startswith(("aio_pika", "aiormq"))]
+    assert any("Reconnecting" in str(r.msg) for r in client)
+    assert {r.levelname for r in client} == {"DEBUG"}
+    (started,) = [r for r in caplog.records if r.__dict__.get("outage") == "started"]
+    assert started.levelno == logging.WARNING
+    assert started.name == "tidings.transports.rabbitmq"

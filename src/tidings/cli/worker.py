@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import importlib
-import logging
 import os
 import signal
 import sys
@@ -33,12 +32,13 @@ from tidings.cli.describe import TRANSPORT_VARIABLE, registered, transport_label
 from tidings.context import Context
 from tidings.errors import ConfigurationError
 from tidings.handlers import Next
+from tidings.logs import logger
 from tidings.messages import Message
 from tidings.transports.urls import redact_url
 
 __all__ = ["TRANSPORT_HELP", "UserCodeFailed", "add_command", "load_bus", "run_relay", "run_worker"]
 
-log = logging.getLogger("tidings.worker")
+log = logger("tidings.worker")
 
 
 class UserCodeFailed(ConfigurationError):

@@ -14,7 +14,6 @@ where SQLAlchemy drops the offset: always pass UTC, read back through `as_utc`).
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
 
 from sqlalchemy import (
@@ -36,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tidings.envelope import MAX_MESSAGE_ID_LENGTH
 from tidings.errors import ConfigurationError, Unavailable
+from tidings.logs import logger
 
 __all__ = [
     "as_utc",
@@ -47,7 +47,7 @@ __all__ = [
     "utc_now",
 ]
 
-log = logging.getLogger("tidings.storage")
+log = logger("tidings.storage")
 
 metadata = MetaData()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -24,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.sql.dml import Insert
 
 from tidings.errors import ConfigurationError, Unavailable
+from tidings.logs import logger
 from tidings.shutdown import finish_then_cancel
 
 __all__ = [
@@ -34,7 +34,7 @@ __all__ = [
     "translate_errors",
 ]
 
-log = logging.getLogger("tidings.storage")
+log = logger("tidings.storage")
 
 # sqlite3 raises OperationalError for a missing table or a syntax error as much as for a locked or
 # unreadable file: only these result codes mean "the database is unavailable right now".

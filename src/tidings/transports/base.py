@@ -87,6 +87,15 @@ class Transport(ABC):
     #: The URL this transport was made from, credentials redacted (for messages and logs).
     url: str = ""
 
+    @property
+    def in_outage(self) -> bool:
+        """Whether the transport knows it lost its broker and has logged that outage itself.
+
+        The parts that fail meanwhile (the relay, a handler's send) then log at INFO: the outage
+        is one WARNING, the transport's, however many parts it stops.
+        """
+        return False
+
     @abstractmethod
     async def open(self) -> None:
         """Connect. Raises `ConnectionFailed` naming the (redacted) URL."""

@@ -10,14 +10,14 @@ one lost with the connection only means the message is delivered again.
 
 from __future__ import annotations
 
-import logging
-
 from aiormq.abc import AbstractChannel
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
+from tidings.logs import logger
+
 __all__ = ["LOST_CHANNEL_ERRORS", "ChannelAcks"]
 
-log = logging.getLogger("tidings.transports.rabbitmq")
+log = logger("tidings.transports.rabbitmq")
 
 #: What an operation on a channel raises once that channel or its connection is gone.
 LOST_CHANNEL_ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError)

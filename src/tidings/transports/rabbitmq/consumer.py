@@ -29,13 +29,14 @@ from pamqp.commands import Basic
 
 from tidings.errors import TransportClosed, TransportError
 from tidings.faults import fault_headers
+from tidings.logs import logger
 from tidings.transports.base import Delivery
 from tidings.transports.rabbitmq.acks import LOST_CHANNEL_ERRORS, ChannelAcks
 from tidings.transports.rabbitmq.codec import DUE_HEADER, decode_headers
 
 __all__ = ["Consumer", "RabbitMQDelivery"]
 
-log = logging.getLogger("tidings.transports.rabbitmq")
+log = logger("tidings.transports.rabbitmq")
 
 # What the buffer holds: a message and the settlements of the channel it came on; or the
 # receiver's cue that the transport closed (None), or that consuming failed (an error).
@@ -120,8 +121,10 @@ class RabbitMQDelivery(Delivery):
         if not self._acks.is_open:
             # The broker took the message back when the channel went: it comes again, with a
             # higher delivery count. Publishing a copy now would only make a duplicate.
-            log.warning("%s: delivery from a lost channel not settled; it will be redelivered",
-                        self._consumer.url)  # fmt: skip
+            # In a broker outage the transport said so once; each delivery it cut off is detail.
+            level = logging.DEBUG if self._consumer.in_outage() else logging.WARNING
+            log.log(level, "%s: delivery from a lost channel not settled; it will be redelivered",
+                    self._consumer.url)  # fmt: skip
             self._finish()
             return
         if first is not None:
@@ -166,6 +169,7 @@ class Consumer:
         postpone: _Republish,
         is_open: Callable[[], bool],
         forget: Callable[[Consumer], None],
+        in_outage: Callable[[], bool] = lambda: False,
     ) -> None:
         if prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, not {prefetch}")
@@ -175,6 +179,7 @@ class Consumer:
         self.postpone = postpone
         self._is_open = is_open
         self._forget = forget
+        self.in_outage = in_outage
         self.queue = queue
         self.prefetch = prefetch
         self._buffer: asyncio.Queue[_Item] = asyncio.Queue()

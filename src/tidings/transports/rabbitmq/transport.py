@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextvars import ContextVar
@@ -50,14 +51,17 @@ from tidings.errors import (
     TransportClosed,
     TransportError,
 )
+from tidings.logs import LibraryToDebug, Outage, logger
 from tidings.transports.base import DeadLetter, Delivery, Transport
 from tidings.transports.rabbitmq.channels import wait_until_open
 from tidings.transports.rabbitmq.codec import DUE_HEADER, OutgoingMessage, encode_message
 from tidings.transports.rabbitmq.consumer import Consumer
 from tidings.transports.rabbitmq.declarations import Declarations
 from tidings.transports.rabbitmq.error_queues import ErrorQueues
+from tidings.transports.rabbitmq.failover import FailoverConnection
 from tidings.transports.rabbitmq.properties import decode_leniently
 from tidings.transports.rabbitmq.settings import RabbitMQSettings, redact_url
+from tidings.transports.rabbitmq.tls import TLSSettings, describe_tls_error
 from tidings.transports.rabbitmq.topology import (
     MAX_DELAY_MS,
     DelayKind,
@@ -66,7 +70,7 @@ from tidings.transports.rabbitmq.topology import (
 
 __all__ = ["RabbitMQTransport"]
 
-log = logging.getLogger("tidings.transports.rabbitmq")
+log = logger("tidings.transports.rabbitmq")
 
 # Before any connection reads a frame: a foreign publisher's odd property (a timestamp past 9999,
 # a string that is not UTF-8) must not make pamqp refuse the frame and close the connection.
@@ -99,6 +103,12 @@ class _QuietFirstConnection(logging.Filter):
 for _logger in ("aio_pika.robust_connection", "aiormq.connection"):
     logging.getLogger(_logger).addFilter(_QuietFirstConnection())
 
+# Every aio-pika and aiormq logger (all exist once aio_pika is imported): their reconnection
+# warnings and tracebacks go to DEBUG; the transport's `Outage` says once what happened.
+for _name in list(logging.root.manager.loggerDict):
+    if _name.split(".")[0] in ("aio_pika", "aiormq"):
+        logging.getLogger(_name).addFilter(LibraryToDebug())
+
 
 class RabbitMQTransport(Transport):
     """A transport on a RabbitMQ broker. Make it with `from_url`, then open it."""
@@ -111,6 +121,9 @@ class RabbitMQTransport(Transport):
         self._publisher: AbstractRobustChannel | None = None
         self._consumers: set[Consumer] = set()
         self._opening = asyncio.Lock()
+        # A lost connection is one WARNING, its return one INFO with the duration (aio-pika
+        # reconnects in the background; everything on the way waits or goes back meanwhile).
+        self.outage = Outage(log, f"RabbitMQ at {self.url}")
         self._declarations = Declarations(
             self.topology, self.connection, url=self.url, reopen_timeout=settings.publish_timeout
         )
@@ -123,9 +136,12 @@ class RabbitMQTransport(Transport):
         )
 
     @classmethod
-    def from_url(cls, url: str) -> RabbitMQTransport:
-        """A transport for `url`; `ConnectionFailed` at once if the URL is unusable."""
-        return cls(RabbitMQSettings.from_url(url), url=url)
+    def from_url(
+        cls, url: str, *, tls: TLSSettings | None = None, require_tls: bool = False
+    ) -> RabbitMQTransport:
+        """A transport for `url`; `ConnectionFailed` at once if the URL is unusable (or, with
+        `require_tls`, not `amqps://`). `tls` replaces the URL's TLS options."""
+        return cls(RabbitMQSettings.from_url(url, tls=tls, require_tls=require_tls), url=url)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -139,15 +155,44 @@ class RabbitMQTransport(Transport):
     def is_open(self) -> bool:
         return self._connection is not None
 
+    @property
+    def in_outage(self) -> bool:
+        return self.outage.ongoing
+
     async def open(self) -> None:
         async with self._opening:  # two concurrent open() calls make one connection
             if self._connection is None:
                 await self._connect()
 
     async def _connect(self) -> None:
+        # The nodes in order (one, unless the URL lists a cluster's): the first that answers is
+        # kept, and after losing it the connection goes on to the next (`FailoverConnection`).
+        urls = self.settings.broker_urls
+        tls = None if not self.settings.uses_tls else (self.settings.tls or TLSSettings()).context()
+        failures: list[BaseException] = []
+        for first in range(len(urls)):
+            try:
+                connection = await self._connect_to(urls, first, tls)
+            except ConnectionFailed as error:
+                failures.append(error)
+                continue
+            self._connection = connection
+            self._watch(connection)
+            return
+        if len(failures) == 1:
+            raise failures[0]
+        raise ConnectionFailed(
+            f"no node of {self.url} could be connected to: " + "; ".join(map(str, failures))
+        )
+
+    async def _connect_to(
+        self, urls: Sequence[str], first: int, tls: ssl.SSLContext | None
+    ) -> AbstractRobustConnection:
         timeout = self.settings.connect_timeout
-        connection = aio_pika.RobustConnection(
-            aio_pika.connection.make_url(self.settings.broker_url),
+        connection = FailoverConnection(
+            urls,
+            first=first,
+            ssl_context=tls,
             # fail_fast: a first connection that fails raises instead of retrying in the
             # background; later losses are retried every reconnect_interval, never in a hot loop.
             fail_fast=True,
@@ -163,31 +208,48 @@ class RabbitMQTransport(Transport):
                 await self._declarations.open(connection)
         except BaseException as error:
             await _close_quietly(connection)
-            raise self._connection_error(error, timeout) from None
+            raise self._connection_error(error, timeout, redact_url(urls[first])) from None
         finally:
             attempt.over = True
             _first_connection.reset(quiet)
-        self._connection = connection
+        return connection
 
-    def _connection_error(self, error: BaseException, timeout: float) -> BaseException:
+    def _watch(self, connection: AbstractRobustConnection) -> None:
+        """Log the connection's losses and returns (not its closing by `close()`)."""
+
+        def lost(_: object, error: BaseException | None = None) -> None:
+            if self._connection is connection and not isinstance(error, asyncio.CancelledError):
+                self.outage.down(error or "the connection closed")
+
+        def back(_: object) -> None:
+            if self._connection is connection:
+                self.outage.up()
+
+        connection.close_callbacks.add(lost)
+        connection.reconnect_callbacks.add(back)
+
+    def _connection_error(self, error: BaseException, timeout: float, url: str) -> BaseException:
         if isinstance(error, TimeoutError):
-            return ConnectionFailed(f"no answer from RabbitMQ at {self.url} within {timeout:g} s")
+            return ConnectionFailed(f"no answer from RabbitMQ at {url} within {timeout:g} s")
         if isinstance(error, AuthenticationError | ProbableAuthenticationError):
             return ConnectionFailed(
-                f"RabbitMQ at {self.url} refused the credentials (check user, password, vhost): {error}"
+                f"RabbitMQ at {url} refused the credentials (check user, password, vhost): {error}"
             )
+        tls_problem = describe_tls_error(error)
+        if tls_problem is not None:
+            return ConnectionFailed(f"TLS with RabbitMQ at {url} failed: {tls_problem}")
         if isinstance(error, InvalidFrameError) and "Connection.Close" in str(error):
             # The broker closed the connection instead of opening the vhost (aiormq reports
             # only the frame's type, not its text): it does not exist or the user may not use it.
             vhost, user = self.settings.vhost, self.settings.user
             return ConnectionFailed(
-                f"RabbitMQ at {self.url} refused vhost {vhost!r}: it does not exist, or user {user!r} "
+                f"RabbitMQ at {url} refused vhost {vhost!r}: it does not exist, or user {user!r} "
                 f"has no permission on it (rabbitmqctl list_vhosts; list_permissions -p {vhost})"
             )
         if isinstance(error, TidingsError | asyncio.CancelledError):
             return error
         if isinstance(error, AMQPError | OSError | RuntimeError):
-            return ConnectionFailed(f"cannot connect to RabbitMQ at {self.url}: {error}")
+            return ConnectionFailed(f"cannot connect to RabbitMQ at {url}: {error}")
         return error
 
     async def close(self) -> None:
@@ -364,6 +426,7 @@ class RabbitMQTransport(Transport):
             postpone=self.postpone,
             is_open=lambda: self.is_open,
             forget=self._consumers.discard,
+            in_outage=lambda: self.in_outage,
         )
         self._consumers.add(consumer)
         try:

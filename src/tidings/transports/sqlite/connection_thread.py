@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import math
 import queue
 import sqlite3
@@ -48,11 +47,12 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from tidings.errors import ConnectionFailed, TidingsError, TransportClosed, TransportError
+from tidings.logs import logger
 from tidings.transports.sqlite import queries, schema
 
 __all__ = ["ConnectionThread", "listen", "unlisten"]
 
-log = logging.getLogger("tidings.transports.sqlite")
+log = logger("tidings.transports.sqlite")
 
 T = TypeVar("T")
 

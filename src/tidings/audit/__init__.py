@@ -1,0 +1,60 @@
+"""The audit feed and heartbeats: what every bus with `audit=` on tells the dashboard.
+
+    Bus("basket", transport, audit=True)       # or $TIDINGS_AUDIT=1 for a bus made without audit=
+
+For every delivery it settles the bus sends a small `AuditRecord` (the envelope's headers, the
+outcome, how long the handler took, when, which instance, the body up to `max_body` bytes) to the
+audit queue on its own transport, and every few seconds a `Heartbeat` (service, instance, host,
+pid, version, counters, outbox backlog). `telemetry` hears of each delivery through the Telemetry
+port, composed with whatever telemetry the bus has; `shipper` sends the records in batches from a
+task of its own, so the handler path only appends to a list; `heartbeat` is the periodic beat.
+`tidings dashboard` consumes the queue (docs/dashboard.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+from tidings.audit.records import (
+    AUDIT_QUEUE,
+    HEARTBEAT_TYPE,
+    RECORDS_TYPE,
+    AuditRecord,
+    Heartbeat,
+    decode_heartbeat,
+    decode_records,
+)
+from tidings.audit.service import Audit
+from tidings.audit.settings import AuditSettings
+from tidings.errors import ConfigurationError
+
+__all__ = [
+    "AUDIT_QUEUE",
+    "AUDIT_VARIABLE",
+    "HEARTBEAT_TYPE",
+    "RECORDS_TYPE",
+    "Audit",
+    "AuditRecord",
+    "AuditSettings",
+    "Heartbeat",
+    "audit_for",
+    "decode_heartbeat",
+    "decode_records",
+]
+
+#: Turns audit on for a bus made without `audit=` (like $TIDINGS_TRANSPORT for its transport).
+AUDIT_VARIABLE = "TIDINGS_AUDIT"
+_ON = ("1", "true", "yes", "on")
+
+
+def audit_for(setting: bool | AuditSettings | None, service: str) -> Audit | None:
+    """The audit of `Bus(..., audit=setting)`: None reads $TIDINGS_AUDIT, True the default settings."""
+    if setting is None:
+        setting = os.environ.get(AUDIT_VARIABLE, "").strip().lower() in _ON
+    if setting is False:
+        return None
+    if setting is True:
+        return Audit(service, AuditSettings())
+    if isinstance(setting, AuditSettings):
+        return Audit(service, setting)
+    raise ConfigurationError(f"audit= takes True, False or an AuditSettings, not {setting!r}")

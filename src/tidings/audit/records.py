@@ -1,0 +1,213 @@
+"""What goes on the audit queue: batches of `AuditRecord`s, and `Heartbeat`s, as JSON.
+
+A message on the audit queue is an envelope of type `RECORDS_TYPE` whose body is a JSON array of
+records, or of type `HEARTBEAT_TYPE` whose body is one heartbeat. Both are read defensively
+(`decode_records`, `decode_heartbeat`): the queue is open to anything on the transport, so a
+malformed entry raises `ValueError` for the consumer to skip, never anything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "AUDIT_QUEUE",
+    "DEAD_LETTERED",
+    "DUPLICATE",
+    "HANDLED",
+    "HEARTBEAT_TYPE",
+    "OUTCOMES",
+    "RECORDS_TYPE",
+    "RETRIED",
+    "UNSETTLED",
+    "AuditRecord",
+    "Heartbeat",
+    "decode_heartbeat",
+    "decode_records",
+    "encode_heartbeat",
+    "encode_records",
+]
+
+#: The default audit queue (`AuditSettings.queue`).
+AUDIT_QUEUE = "tidings.audit"
+#: Envelope types on the audit queue.
+RECORDS_TYPE = "tidings.audit-records"
+HEARTBEAT_TYPE = "tidings.heartbeat"
+
+#: Outcomes of one delivery.
+HANDLED = "handled"
+DUPLICATE = "duplicate"  # the inbox had handled it before: acknowledged without a handler call
+RETRIED = "retried"  # back on its queue for a later try (a failure, `Retry`, or an outage)
+DEAD_LETTERED = "dead-lettered"
+UNSETTLED = "unsettled"  # given up on before it was settled (the transport brings it back)
+OUTCOMES = (HANDLED, DUPLICATE, RETRIED, DEAD_LETTERED, UNSETTLED)
+
+
+@dataclass(slots=True, kw_only=True)
+class AuditRecord:
+    """One delivery as a bus settled it."""
+
+    message_id: str
+    type: str
+    #: The service that sent the message (its envelope's `source`).
+    source: str
+    #: The service that received and settled it, from which queue, in which instance.
+    service: str
+    queue: str
+    instance: str
+    outcome: str
+    #: The reason code of a retry or a dead letter (`handler-failed`, `unknown-type`, ...).
+    reason: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    subject: str | None = None
+    #: When the message was made (its envelope's time) and arrived, in seconds since the epoch.
+    sent_at: float | None = None
+    processed_at: float = 0.0
+    #: From the delivery's arrival to the start of its settling: the handler, the inbox, the checks.
+    duration_ms: float = 0.0
+    #: The round of delayed retries this delivery was (1: the first delivery).
+    round: int = 1
+    #: Handler calls that raised during this delivery (immediate retries included).
+    failures: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    #: The body as text, cut at `AuditSettings.max_body` bytes; `body_size` is the whole size.
+    body: str = ""
+    body_size: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AuditRecord:
+        try:
+            record = cls(**{name: data[name] for name in _RECORD_FIELDS if name in data})
+        except TypeError as error:
+            raise ValueError(f"not an audit record: {error}") from None
+        _check(record, _RECORD_TYPES)
+        return record
+
+
+@dataclass(slots=True, kw_only=True)
+class Heartbeat:
+    """A running bus instance, every `AuditSettings.heartbeat_interval` seconds."""
+
+    service: str
+    instance: str
+    host: str
+    pid: int
+    #: The tidings version the instance runs.
+    version: str | None
+    started_at: float
+    sent_at: float
+    #: Seconds until the next beat: the dashboard calls an instance silent after a few missed.
+    interval: float
+    #: `bus.stats`, and `relayed` (rows the outbox relay sent) with a database.
+    counters: dict[str, int] = field(default_factory=dict)
+    #: Unsent outbox rows at the relay's last look, and when the oldest was written (None: unknown).
+    outbox_backlog: int | None = None
+    outbox_oldest: float | None = None
+    #: Records this instance dropped because the transport could not take them in time.
+    audit_dropped: int = 0
+    #: The last beat of an instance that stops cleanly.
+    stopping: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Heartbeat:
+        try:
+            beat = cls(**{name: data[name] for name in _HEARTBEAT_FIELDS if name in data})
+        except TypeError as error:
+            raise ValueError(f"not a heartbeat: {error}") from None
+        _check(beat, _HEARTBEAT_TYPES)
+        return beat
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(AuditRecord))
+_HEARTBEAT_FIELDS = tuple(f.name for f in dataclasses.fields(Heartbeat))
+_TEXT = (str,)
+_OPTIONAL_TEXT = (str, type(None))
+_NUMBER = (int, float)
+_OPTIONAL_NUMBER = (int, float, type(None))
+_RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "message_id": _TEXT,
+    "type": _TEXT,
+    "source": _TEXT,
+    "service": _TEXT,
+    "queue": _TEXT,
+    "instance": _TEXT,
+    "outcome": _TEXT,
+    "reason": _OPTIONAL_TEXT,
+    "error_type": _OPTIONAL_TEXT,
+    "error_message": _OPTIONAL_TEXT,
+    "correlation_id": _OPTIONAL_TEXT,
+    "causation_id": _OPTIONAL_TEXT,
+    "subject": _OPTIONAL_TEXT,
+    "sent_at": _OPTIONAL_NUMBER,
+    "processed_at": _NUMBER,
+    "duration_ms": _NUMBER,
+    "round": (int,),
+    "failures": (int,),
+    "headers": (dict,),
+    "body": _TEXT,
+    "body_size": (int,),
+}
+_HEARTBEAT_TYPES: dict[str, tuple[type, ...]] = {
+    "service": _TEXT,
+    "instance": _TEXT,
+    "host": _TEXT,
+    "pid": (int,),
+    "version": _OPTIONAL_TEXT,
+    "started_at": _NUMBER,
+    "sent_at": _NUMBER,
+    "interval": _NUMBER,
+    "counters": (dict,),
+    "outbox_backlog": (int, type(None)),
+    "outbox_oldest": _OPTIONAL_NUMBER,
+    "audit_dropped": (int,),
+    "stopping": (bool,),
+}
+
+
+def _check(value: AuditRecord | Heartbeat, types: Mapping[str, tuple[type, ...]]) -> None:
+    # JSON from the queue is whatever someone put there: a wrong type is refused here, not in
+    # the store's insert or the page's template.
+    for name, allowed in types.items():
+        if not isinstance(getattr(value, name), allowed):
+            raise ValueError(f"{type(value).__name__}.{name}: {getattr(value, name)!r} is not {allowed}")
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode_records(records: list[dict[str, Any]]) -> bytes:
+    """The body of one batch: records already as JSON objects (`AuditRecord.to_json`)."""
+    return _dumps(records)
+
+
+def decode_records(body: bytes) -> list[AuditRecord]:
+    """The records of one batch; `ValueError` when it is not one."""
+    data = json.loads(body)
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise ValueError("an audit batch is a JSON array of objects")
+    return [AuditRecord.from_json(item) for item in data]
+
+
+def encode_heartbeat(beat: Heartbeat) -> bytes:
+    return _dumps(beat.to_json())
+
+
+def decode_heartbeat(body: bytes) -> Heartbeat:
+    data = json.loads(body)
+    if not isinstance(data, dict):
+        raise ValueError("a heartbeat is a JSON object")
+    return Heartbeat.from_json(data)

@@ -1,0 +1,166 @@
+"""`Shipper`: turns settled deliveries into audit records and sends them in batches.
+
+The handler path calls `take` (an append, and a wake-up once a batch is full); `run`, a task of the
+bus's run, sends what has gathered every `flush_interval` seconds or as soon as a batch is full,
+one transport send per batch. While the transport is down the notes wait (up to `capacity`; then
+new ones are dropped and counted) and the sends are retried with a capped backoff. When the run
+ends, what is left is sent once more before the task ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from tidings.audit.records import RECORDS_TYPE, AuditRecord, encode_records
+from tidings.audit.settings import AuditSettings
+from tidings.audit.telemetry import Settled
+from tidings.backoff import capped_exponential
+from tidings.envelope import Envelope
+from tidings.headers import ATTEMPT, FAULT_PREFIX
+from tidings.transports.base import Transport
+
+__all__ = ["Shipper"]
+
+log = logging.getLogger("tidings.audit")
+
+#: How long the last send at the end of a run may take before the rest is given up.
+FINAL_FLUSH_TIMEOUT = 5.0
+_MAX_BACKOFF = 10.0
+_MAX_ERROR_MESSAGE = 500
+
+
+class Shipper:
+    """The audit records of one bus instance on their way to the audit queue."""
+
+    def __init__(self, service: str, instance: str, settings: AuditSettings) -> None:
+        self.service = service
+        self.instance = instance
+        self.settings = settings
+        self._waiting: list[Settled] = []
+        self._full: asyncio.Event | None = None
+        #: Records sent, and dropped for want of room while the transport could not take them.
+        self.sent = 0
+        self.dropped = 0
+
+    def take(self, settled: Settled) -> None:
+        """A delivery is over (called on the handler path: keep it short)."""
+        waiting = self._waiting
+        if len(waiting) >= self.settings.capacity:
+            self.dropped += 1
+            return
+        waiting.append(settled)
+        if len(waiting) == self.settings.batch_size and self._full is not None:
+            self._full.set()
+
+    async def run(self, transport: Transport) -> None:
+        """Send batches until cancelled; then send what is left, within `FINAL_FLUSH_TIMEOUT`."""
+        self._full = asyncio.Event()
+        failures = 0
+        try:
+            while True:
+                if len(self._waiting) < self.settings.batch_size:
+                    self._full.clear()
+                    try:
+                        async with asyncio.timeout(self.settings.flush_interval):
+                            await self._full.wait()
+                    except TimeoutError:
+                        pass
+                try:
+                    await self._send_waiting(transport)
+                except Exception as error:
+                    failures += 1
+                    if failures == 1:
+                        log.warning(
+                            "audit of %s: cannot send records (%s); holding them", self.service, error
+                        )
+                    await asyncio.sleep(capped_exponential(0.5, _MAX_BACKOFF, failures - 1))
+                else:
+                    failures = 0
+        except asyncio.CancelledError:
+            try:
+                async with asyncio.timeout(FINAL_FLUSH_TIMEOUT):
+                    await self._send_waiting(transport)
+            except Exception as error:
+                log.warning(
+                    "audit of %s: %d records not sent at the end: %s", self.service, len(self._waiting), error
+                )
+            raise
+        finally:
+            self._full = None
+
+    async def _send_waiting(self, transport: Transport) -> None:
+        size = self.settings.batch_size
+        while self._waiting:
+            batch = self._waiting[:size]
+            body = encode_records([self.record(settled).to_json() for settled in batch])
+            envelope = Envelope(type=RECORDS_TYPE, source=self.service, body=body)
+            await transport.send(envelope, self.settings.queue)
+            # Only once the transport has it: a failed send keeps the batch for the next try.
+            del self._waiting[: len(batch)]
+            self.sent += len(batch)
+
+    def record(self, settled: Settled) -> AuditRecord:
+        """The audit record of a settled delivery."""
+        headers = settled.headers
+        body = settled.body
+        kept = body[: self.settings.max_body]
+        error = settled.error
+        message = None
+        if error is not None:
+            message = str(error)[:_MAX_ERROR_MESSAGE]
+        return AuditRecord(
+            message_id=headers.get("id", ""),
+            type=headers.get("type", ""),
+            source=headers.get("source", ""),
+            service=settled.service,
+            queue=settled.queue,
+            instance=self.instance,
+            outcome=settled.outcome,
+            reason=settled.reason,
+            error_type=_qualified(error) if error is not None else None,
+            error_message=message,
+            correlation_id=headers.get("correlationid"),
+            causation_id=headers.get("causationid"),
+            subject=headers.get("subject"),
+            sent_at=_timestamp(headers.get("time")),
+            processed_at=settled.arrived,
+            duration_ms=round((settled.duration or 0.0) * 1000, 3),
+            round=_int(headers.get(ATTEMPT), 1),
+            failures=settled.failures,
+            headers=_message_headers(headers),
+            body=kept.decode("utf-8", errors="replace"),
+            body_size=len(body),
+        )
+
+
+def _qualified(error: BaseException) -> str:
+    kind = type(error)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _timestamp(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _int(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text else default
+    except ValueError:
+        return default
+
+
+def _message_headers(headers: Any) -> dict[str, str]:
+    # The fault headers of a replayed message are gone already; those of the first delivery's
+    # retries are the bus's own bookkeeping, which the record says in its own fields.
+    return {
+        str(k): str(v) for k, v in headers.items() if k != ATTEMPT and not str(k).startswith(FAULT_PREFIX)
+    }
