@@ -13,13 +13,15 @@ so that messages handled at once are mostly for different instances):
 2. saga: the same counter as a saga's state (`@starts(Tick, by="key")`, `self.state.n += 1`): the
    row read, the step, the versioned write, in a savepoint of the same inbox transaction.
 
-Each measure runs from `run()` to the last message handled. Prints both rates and their ratio.
+Each measure runs from `run()` to the last message handled; the two alternate for `--rounds`
+rounds and the medians are printed, with their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import tempfile
 import time
 import uuid
@@ -115,11 +117,22 @@ async def measure(
     return total / elapsed
 
 
-async def on(name: str, engine: AsyncEngine, transport: str, keys: int, steps: int, concurrency: int) -> None:
-    plain = await measure(
-        engine, transport, keys, steps, concurrency, lambda bus: bus.handle(Tick)(plain_tick)
-    )
-    saga = await measure(engine, transport, keys, steps, concurrency, lambda bus: bus.saga(Counter))
+async def on(
+    name: str, engine: AsyncEngine, transport: str, keys: int, steps: int, concurrency: int, rounds: int
+) -> None:
+    # Alternated, and the median of each: on a shared machine the load changes within a run.
+    plains: list[float] = []
+    sagas: list[float] = []
+    for _ in range(rounds):
+        plains.append(
+            await measure(
+                engine, transport, keys, steps, concurrency, lambda bus: bus.handle(Tick)(plain_tick)
+            )
+        )
+        sagas.append(
+            await measure(engine, transport, keys, steps, concurrency, lambda bus: bus.saga(Counter))
+        )
+    plain, saga = statistics.median(plains), statistics.median(sagas)
     print(f"{name:10}  plain inbox handler {plain:7.0f}/s   saga steps {saga:7.0f}/s", end="")
     print(f"   saga / plain {saga / plain:.2f}x")
 
@@ -131,6 +144,7 @@ async def main() -> None:
     parser.add_argument("--keys", type=int, default=500)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds of each; medians")
     parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--transport", choices=("memory", "sqlite"), default="memory")
     args = parser.parse_args()
@@ -141,7 +155,7 @@ async def main() -> None:
         for kind in args.databases.split(","):
             if kind == "sqlite":
                 engine = sqlite_engine(Path(directory) / "service.db")
-                await on("SQLite", engine, transport, args.keys, args.steps, args.concurrency)
+                await on("SQLite", engine, transport, args.keys, args.steps, args.concurrency, args.rounds)
                 await engine.dispose()
             elif kind == "postgresql":
                 schema = f"bench_saga_{uuid.uuid4().hex[:8]}"
@@ -154,7 +168,9 @@ async def main() -> None:
                     connect_args={"server_settings": {"search_path": schema}},
                 )
                 try:
-                    await on("PostgreSQL", engine, transport, args.keys, args.steps, args.concurrency)
+                    await on(
+                        "PostgreSQL", engine, transport, args.keys, args.steps, args.concurrency, args.rounds
+                    )
                 finally:
                     await engine.dispose()
                     async with admin.begin() as connection:

@@ -359,6 +359,7 @@ class Bus:
                 prefetch=self.prefetch,
                 grace=self.shutdown_grace,
                 hurry=self._hurry,
+                stats=self._stats,
             )
         )
         stopping = asyncio.create_task(self._stopping.wait())

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from tidings.logs import logger
+from tidings.stats import Stats
 from tidings.transports.base import Delivery, Transport
 
 __all__ = ["consume"]
@@ -46,8 +47,12 @@ async def consume(
     grace: float | None = None,
     hurry: asyncio.Event | None = None,
     isolate_redeliveries: bool = True,
+    stats: Stats | None = None,
 ) -> None:
-    """Consume `queue` until cancelled; then let the in-flight handlers finish and settle."""
+    """Consume `queue` until cancelled; then let the in-flight handlers finish and settle.
+
+    `stats.released` counts the handlers cut off at the end of the grace, their messages released.
+    """
     slots = asyncio.Semaphore(concurrency)
     in_flight: dict[asyncio.Task[None], Delivery] = {}
 
@@ -97,7 +102,9 @@ async def consume(
     finally:
         # Stopping: take no new message, but finish (and so settle) the ones being handled.
         if in_flight:
-            await asyncio.shield(_drain(dict(in_flight), queue, grace, hurry))
+            released = await asyncio.shield(_drain(dict(in_flight), queue, grace, hurry))
+            if stats is not None:
+                stats.released += released
         if deliveries is not None:
             # Closing the iterator hands back what the transport prefetched but never yielded.
             await _close(deliveries)
@@ -127,8 +134,10 @@ async def _drain(
     queue: str,
     grace: float | None,
     hurry: asyncio.Event | None,
-) -> None:
-    """Wait for the handlers in flight (at most `grace` s, or until `hurry`); release the rest."""
+) -> int:
+    """Wait for the handlers in flight (at most `grace` s, or until `hurry`); release the rest.
+
+    Returns how many were released."""
     waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(asyncio.wait(set(in_flight), timeout=grace))}
     if hurry is not None:
         waiters.add(asyncio.ensure_future(hurry.wait()))
@@ -139,7 +148,7 @@ async def _drain(
             waiter.cancel()
     late = [task for task in in_flight if not task.done()]
     if not late:
-        return
+        return 0
     log.warning(
         "%s: %d handler(s) still running at the end of the shutdown grace: cancelled", queue, len(late)
     )
@@ -150,3 +159,4 @@ async def _drain(
         # Unsettled (or settled as it was cut off: a second settle is a no-op on every transport).
         with contextlib.suppress(Exception):
             await in_flight[task].release()
+    return len(late)

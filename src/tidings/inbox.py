@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from tidings.context import Context
 from tidings.errors import TransportError, Unavailable
 from tidings.handlers import Next
-from tidings.logs import logger
+from tidings.logs import in_service, logger
 from tidings.messages import Message, Reply
 from tidings.stats import Stats
 from tidings.storage import inbox_table, utc_now
@@ -147,6 +147,7 @@ class Inbox:
 
     async def clean_up_forever(self) -> None:
         """Run `clean_up` every `cleanup_interval` seconds until cancelled (`Bus.run()` does)."""
+        in_service(self.service)  # its records name the service (it runs as a task)
         while True:
             try:
                 deleted = await self.clean_up()  # a stop ends it after the batch in progress

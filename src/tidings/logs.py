@@ -34,6 +34,7 @@ __all__ = [
     "MessageFields",
     "Outage",
     "about",
+    "in_service",
     "logger",
 ]
 
@@ -55,6 +56,15 @@ def about(headers: Mapping[str, str], service: str) -> Iterator[None]:
         yield
     finally:
         _current.reset(token)
+
+
+def in_service(service: str) -> None:
+    """From now on in this task, records are about `service` (for a task of a part's own).
+
+    Set at the start of a coroutine that runs as its own task (the relay, the inbox clean-up):
+    the task's context is a copy, so the setting ends with the task and touches no other.
+    """
+    _current.set(({}, service))
 
 
 class MessageFields(logging.Filter):

@@ -58,7 +58,7 @@ from tidings.errors import (
     TransportError,
     Unavailable,
 )
-from tidings.logs import logger
+from tidings.logs import in_service, logger
 from tidings.outbox import Outbox
 from tidings.outbox_order import OutboxRow, plan
 from tidings.shutdown import finish_then_cancel
@@ -210,6 +210,7 @@ class Relay:
 
     async def run(self) -> None:
         """Ship rows until cancelled; outages are logged and waited out, never raised."""
+        in_service(self.service)  # the relay's records name its service (it runs as a task)
         loop = asyncio.get_running_loop()
         next_cleanup = next_look = loop.time()
         failures = 0  # failed rounds in a row: the outage going on, if any

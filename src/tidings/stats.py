@@ -1,6 +1,7 @@
 """`Stats`: the counters of what a bus's consume path did, owned by the bus.
 
-The bus makes one `Stats` and hands it to the parts that count (the pipeline, the inbox), so the
+The bus makes one `Stats` and hands it to the parts that count (the pipeline, the inbox, the
+consume loop), so the
 counts survive whatever is rebuilt or changed on a running bus.
 """
 
@@ -23,3 +24,5 @@ class Stats:
     duplicates: int = 0
     #: Messages put back for later because a dependency (database, transport) was unavailable.
     unavailable: int = 0
+    #: Messages whose handler was cancelled at the end of the shutdown grace: released unsettled.
+    released: int = 0

@@ -11,6 +11,7 @@ test did; a test that changed the system (a broker stopped, an alarm) restores i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -47,3 +48,14 @@ async def finish(run: Run, *, patience: float = 20.0, what: str = "") -> Report:
         print(f"{label}{line}")
     print(f"{label}consumers killed {run.kills}, restarts {run.restarts}, settled {complete}")
     return report
+
+
+async def made_progress(run: Run, messages: int = 20) -> None:
+    """Until `messages` more messages were handled (or the producers are done): the system works.
+
+    Scenarios wait for this before each fault, so that processes a fault caught while they started
+    (a first connection that fails ends the process; the harness starts it again) come up first.
+    """
+    before = (await run.progress()).handled
+    while not run.producers_done and (await run.progress()).handled < before + messages:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.chaos.ledger import finish, ledger_run
+from tests.chaos.ledger import finish, ledger_run, made_progress
 from tests.conftest import rabbitmq_system_url, require_server
 from tests.sizes import size
 from tests.tcp_proxy import TcpProxy
@@ -50,13 +50,6 @@ async def cut_while_streaming(run: Run, proxy: TcpProxy, rng: random.Random) -> 
             proxy.downstream_latency = LATENCY
         cuts += 1
     return cuts
-
-
-async def made_progress(run: Run, messages: int = 20) -> None:
-    """Until `messages` more messages were handled, or the producers are done."""
-    before = (await run.progress()).handled
-    while not run.producers_done and (await run.progress()).handled < before + messages:  # noqa: ASYNC110
-        await asyncio.sleep(0.1)
 
 
 async def stream_through_cuts(tmp_path: Path, messages: int, **settings: object) -> tuple[Report, int]:

@@ -97,7 +97,7 @@ async def _look(browser: Browser, base: str, orders: dict[str, str], shots: Path
     await page.click("form.search button")
     await page.wait_for_load_state()
     if "/conversations" in page.url:  # more than one: the list (one goes straight to it)
-        await page.click("table.conversations a:text-is('checkout-alice')")
+        await page.click("table.conversations a[href='/conversation?id=checkout-alice']")
     await page.wait_for_url("**/conversation?id=checkout-alice")
     found = await arrows(page)
     receivers = [to for _, to, _, _ in found]

@@ -164,6 +164,7 @@ async def test_an_outage_backs_off_and_is_counted_and_logged_once(
     ]
     assert len(warnings) == 1, [record.getMessage() for record in warnings]
     assert "connection lost (0)" in warnings[0].getMessage()
+    assert warnings[0].__dict__["service"] == "producer"  # a field of every record of the relay
 
 
 async def test_a_round_longer_than_the_claim_timeout_keeps_its_rows_from_a_second_relay(

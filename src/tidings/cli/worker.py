@@ -29,11 +29,8 @@ from typing import Any
 
 from tidings.bus import Bus
 from tidings.cli.describe import TRANSPORT_VARIABLE, registered, transport_label
-from tidings.context import Context
 from tidings.errors import ConfigurationError
-from tidings.handlers import Next
 from tidings.logs import logger
-from tidings.messages import Message
 from tidings.transports.urls import redact_url
 
 __all__ = ["TRANSPORT_HELP", "UserCodeFailed", "add_command", "load_bus", "run_relay", "run_worker"]
@@ -166,20 +163,6 @@ def _failed(module_name: str, error: Exception) -> UserCodeFailed:
     return UserCodeFailed(f"importing {module_name} failed: {type(error).__name__}: {error}", shown)
 
 
-class _Interrupted:
-    """Middleware counting handler calls cut off by the shutdown: their messages were released."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    async def __call__(self, ctx: Context, message: Message, call_next: Next) -> Any:
-        try:
-            return await call_next(ctx, message)
-        except asyncio.CancelledError:
-            self.count += 1
-            raise
-
-
 @contextlib.contextmanager
 def _signals_call(callback: Any) -> Iterator[None]:
     loop = asyncio.get_running_loop()
@@ -205,8 +188,6 @@ async def run_worker(bus: Bus, *, concurrency: int | None = None) -> None:
             raise ConfigurationError("--concurrency must be at least 1")
         bus.concurrency = concurrency
         bus.prefetch = max(bus.prefetch, concurrency)
-    interrupted = _Interrupted()
-    bus.use(interrupted)
     with _signals_call(bus.stop):
         async with bus:
             names = registered(bus)
@@ -241,7 +222,7 @@ async def run_worker(bus: Bus, *, concurrency: int | None = None) -> None:
                     stats.retries_scheduled,
                     stats.duplicates,
                     relayed,
-                    interrupted.count,
+                    stats.released,
                     stats.unavailable,
                 )
 

@@ -119,6 +119,8 @@ class RabbitMQTransport(Transport):
         self.url = redact_url(url) if url is not None else settings.redacted_url
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
+        self._publisher_renewed = -math.inf  # when a nack last had the channel replaced
+        self._renewals: set[asyncio.Task[None]] = set()
         self._consumers: set[Consumer] = set()
         self._opening = asyncio.Lock()
         # A lost connection is one WARNING, its return one INFO with the duration (aio-pika
@@ -261,8 +263,43 @@ class RabbitMQTransport(Transport):
         # Closing the connection gives every unsettled delivery back to its queue and deletes the
         # exclusive (temporary) queues.
         await _close_quietly(connection)
+        for renewal in list(self._renewals):
+            renewal.cancel()
         self._publisher = None
         self._declarations.close()
+
+    def _renew_publisher_after_nack(self) -> None:
+        """Replace the publishing channel after a nack, at most once per `reconnect_interval`.
+
+        RabbitMQ 3.10 can wedge a channel opened while a quorum queue elects a new leader (the
+        channel a failover to another node opens): it nacks every later publish to that queue,
+        for as long as the channel lives, though a new channel publishes fine
+        (tests/cluster/test_node_loss.py). A real refusal (a queue over its length limit) costs
+        only a new channel per interval; publishes in flight on the old one are not confirmed,
+        and published again by their callers.
+        """
+        now = time.monotonic()
+        if now - self._publisher_renewed < self.settings.reconnect_interval:
+            return
+        self._publisher_renewed = now
+        task = asyncio.get_running_loop().create_task(self._renew_publisher())
+        self._renewals.add(task)
+        task.add_done_callback(self._renewals.discard)
+
+    async def _renew_publisher(self) -> None:
+        connection, old = self._connection, self._publisher
+        if connection is None or old is None:
+            return
+        try:
+            fresh = await connection.channel(on_return_raises=True)
+        except (AMQPError, ChannelInvalidStateError, OSError, RuntimeError) as error:
+            log.debug("%s: no new publishing channel after a nack: %r", self.url, error)
+            return
+        if self._connection is not connection:  # closed meanwhile
+            await _close_quietly(fresh)
+            return
+        self._publisher = fresh
+        await _close_quietly(old)
 
     # -- topology (see declarations) ----------------------------------------------------------
 
@@ -317,6 +354,7 @@ class RabbitMQTransport(Transport):
             ) from None
         except DeliveryError as error:
             # A nack: the broker's verdict on this message, not a failing connection.
+            self._renew_publisher_after_nack()
             raise PublishRefused(f"{self.url}: RabbitMQ refused a message to {exchange!r}: {error}") from None
         except (AMQPError, ChannelInvalidStateError, ConnectionError) as error:
             raise PublishNotConfirmed(
