@@ -3,7 +3,9 @@
 Handles `ChargePayment` from ordering and publishes `PaymentSucceeded` or `PaymentFailed`. A charge
 over `--limit` is declined (a business outcome, not an error: nothing is retried). A buyer named
 with `--flaky-buyer` meets a payment provider that times out on the first try: the handler raises,
-the bus retries the message later, and the second try succeeds.
+the bus retries the message later, and the second try succeeds. A buyer named with
+`--unanswered-buyer` meets a provider that takes the charge and never calls back: the payment stays
+pending and nothing is published, so ordering's order process times out and cancels the order.
 
     python -m examples.eshop.payment --transport sqlite:///bus.db --db payment.db --limit 300
 """
@@ -52,7 +54,15 @@ class ProviderTimeout(Exception):
     """The (simulated) payment provider did not answer in time."""
 
 
-def build(names: Names, transport: str, engine: AsyncEngine, *, limit: Decimal, flaky: frozenset[str]) -> Bus:
+def build(
+    names: Names,
+    transport: str,
+    engine: AsyncEngine,
+    *,
+    limit: Decimal,
+    flaky: frozenset[str],
+    unanswered: frozenset[str] = frozenset(),
+) -> Bus:
     """The payment bus with its handler (not started)."""
     bus = service_bus(names.payment, transport, engine, retry=RETRY)
     bus.declare_publishes(m.PaymentSucceeded, m.PaymentFailed)
@@ -61,6 +71,13 @@ def build(names: Names, transport: str, engine: AsyncEngine, *, limit: Decimal, 
     async def charge(command: m.ChargePayment, ctx: Context) -> None:
         if command.buyer in flaky and ctx.attempt == 1:
             raise ProviderTimeout(f"no answer from the provider for order {command.order_id}")
+        if command.buyer in unanswered:
+            await ctx.session.execute(
+                insert(payments).values(
+                    order_id=command.order_id, buyer=command.buyer, amount=command.amount, status="pending"
+                )
+            )
+            return  # the provider never calls back: no PaymentSucceeded, no PaymentFailed
         if command.amount > limit:
             reason = f"amount {command.amount} is over the limit of {limit}"
             await ctx.session.execute(
@@ -90,6 +107,12 @@ async def main() -> None:
     own.add_argument(
         "--flaky-buyer", action="append", default=[], help="the first charge of this buyer fails (repeatable)"
     )
+    own.add_argument(
+        "--unanswered-buyer",
+        action="append",
+        default=[],
+        help="the provider never answers this buyer's charges (repeatable)",
+    )
     options = parse_options(__doc__ or "payment", database="payment.db", extra=own)
     start_tracing(options, options.names.payment)
     assert options.database is not None  # it has a --db option, with a default
@@ -101,6 +124,7 @@ async def main() -> None:
         engine,
         limit=options.extra["limit"],
         flaky=frozenset(options.extra["flaky_buyer"]),
+        unanswered=frozenset(options.extra["unanswered_buyer"]),
     )
     await serve_with_database(bus, engine, stats=options.stats)
 

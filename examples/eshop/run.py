@@ -38,7 +38,9 @@ from examples.eshop.scenario import (
     FLAKY_BUYER,
     PATIENCE,
     PAYMENT_LIMIT,
+    PAYMENT_TIMEOUT,
     POLL_INTERVAL,
+    UNANSWERED_BUYER,
     Outcome,
     Tap,
     differences,
@@ -110,7 +112,13 @@ async def run_demo(
     names = Names(suffix)
     trace = Trace(names, out=out, verbose=verbose)
     result = Result()
-    options = {"payment": ["--limit", str(PAYMENT_LIMIT), "--flaky-buyer", FLAKY_BUYER]}
+    options = {
+        "payment": [
+            *("--limit", str(PAYMENT_LIMIT), "--flaky-buyer", FLAKY_BUYER),
+            *("--unanswered-buyer", UNANSWERED_BUYER),
+        ],
+        "ordering": ["--payment-timeout", str(PAYMENT_TIMEOUT)],
+    }
     trace_dir = workdir / "spans" if traced else None
     deployment = Deployment(transport, workdir, names, trace.on_line, options, trace_dir=trace_dir)
     if deployment_holder is not None:
@@ -175,6 +183,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--trace", action="store_true", help="record OpenTelemetry spans; end with one checkout's trace"
     )
+    parser.add_argument(
+        "--dashboard", action="store_true", help="audit on, and the dashboard left running at the end"
+    )
+    parser.add_argument("--dashboard-port", type=int, default=8088, help="the dashboard's port (0: any)")
     return parser
 
 
@@ -193,14 +205,25 @@ async def _main(args: argparse.Namespace, workdir: Path, holder: list[Deployment
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     transport = args.transport or f"sqlite:///{workdir / 'bus.db'}"
-    result = await run_demo(
-        transport,
-        workdir,
-        suffix=args.suffix,
-        verbose=args.verbose,
-        deployment_holder=holder,
-        traced=args.trace,
-    )
+    dashboard = None
+    if args.dashboard:  # started first, so it sees the whole run (examples/eshop/dashboard.py)
+        from examples.eshop.dashboard import DashboardProcess
+
+        dashboard = await DashboardProcess.start(transport, workdir, args.dashboard_port)
+    try:
+        result = await run_demo(
+            transport,
+            workdir,
+            suffix=args.suffix,
+            verbose=args.verbose,
+            deployment_holder=holder,
+            traced=args.trace,
+        )
+        if dashboard is not None:
+            await dashboard.stay(sys.stdout)
+    finally:
+        if dashboard is not None:
+            await dashboard.stop()
     return 0 if result.ok else 1
 
 

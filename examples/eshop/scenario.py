@@ -5,9 +5,11 @@
    hold tea. The client polls until it sees the new price: eventual consistency, visible.
 3. The demo delivers that same `ProductPriceChanged` (same id) to basket a second time, as an
    at-least-once transport may; basket's inbox acknowledges it without running the handler.
-4. Four buyers check out. carol's order is over payment's limit: cancelled, stock released. dave
+4. Five buyers check out. carol's order is over payment's limit: cancelled, stock released. dave
    meets a payment provider that times out once: the bus retries and his order is confirmed.
-   The client follows each order at its URL and prints every status it sees.
+   frank's provider never answers: ordering's order process (a saga) times out and compensates:
+   the order is cancelled and catalog gives the stock back. The client follows each order at its
+   URL and prints every status it sees.
 """
 
 from __future__ import annotations
@@ -36,12 +38,18 @@ BASKETS: Mapping[str, list[tuple[int, int]]] = {
     "carol": [(3, 1)],
     "dave": [(1, 3)],
     "erin": [(1, 1)],
+    "frank": [(2, 1)],
 }
-CHECKOUTS = ("alice", "bob", "carol", "dave")
+CHECKOUTS = ("alice", "bob", "carol", "dave", "frank")
 NEW_TEA_PRICE = Decimal("3.50")
 PAYMENT_LIMIT = Decimal(300)
 #: The buyer whose first payment attempt fails (payment's `--flaky-buyer`).
 FLAKY_BUYER = "dave"
+#: The buyer whose payment provider never answers (payment's `--unanswered-buyer`).
+UNANSWERED_BUYER = "frank"
+#: Seconds ordering's order process waits for payment (ordering's `--payment-timeout`): well past
+#: dave's retried charge, and short enough for the demo to wait it out for frank.
+PAYMENT_TIMEOUT = 4
 #: How long the client waits for something that should happen before calling it a failure.
 PATIENCE = 20.0
 POLL_INTERVAL = 0.02
@@ -58,6 +66,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
             ("bob", "Coffee"): (2, "sold"),
             ("carol", "Espresso machine"): (1, "released"),
             ("dave", "Tea"): (3, "sold"),
+            ("frank", "Coffee"): (1, "released"),
         },
     },
     "basket": {
@@ -70,6 +79,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
             "bob": ("confirmed", "18.00", None),
             "carol": ("cancelled", "450.00", "amount 450.00 is over the limit of 300"),
             "dave": ("confirmed", "10.50", None),
+            "frank": ("cancelled", "9.00", f"no answer from payment within {PAYMENT_TIMEOUT} s"),
         },
     },
     "payment": {
@@ -78,6 +88,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
             "bob": ("succeeded", "18.00"),
             "carol": ("declined", "450.00"),
             "dave": ("succeeded", "10.50"),
+            "frank": ("pending", "9.00"),
         },
     },
 }
@@ -176,7 +187,7 @@ async def run_scenario(client: httpx.AsyncClient, trace: Trace, tap: Tap, basket
 
     await _eventually("basket suppresses the duplicate", suppressed)
 
-    trace.heading("4. Four checkouts; the client follows each order until it settles")
+    trace.heading("4. Five checkouts; the client follows each order until it settles (frank's times out)")
     started: dict[str, float] = {}
     for buyer in CHECKOUTS:
         started[buyer] = time.monotonic()

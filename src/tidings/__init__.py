@@ -4,11 +4,13 @@
 `rabbitmq` extra, imported when first used (`tidings.extras`).
 """
 
+from tidings.audit import AuditSettings
 from tidings.bus import Bus
 from tidings.context import Context
 from tidings.dead_letters import DeadLetters
 from tidings.envelope import Envelope
 from tidings.errors import (
+    AccessRefused,
     ConfigurationError,
     ConnectionFailed,
     DecodeError,
@@ -94,6 +96,8 @@ __all__ = [
     # Outbox and inbox (with `Bus(..., database=engine)`)
     "OutboxSettings",
     "InboxSettings",
+    # The audit feed and heartbeats, for `tidings dashboard` (docs/dashboard.md)
+    "AuditSettings",
     # Errors
     "TidingsError",
     "ConfigurationError",
@@ -107,6 +111,7 @@ __all__ = [
     "Unavailable",
     "TransportError",
     "ConnectionFailed",
+    "AccessRefused",
     "TransportClosed",
     "PublishNotConfirmed",
     "PublishRefused",

@@ -252,8 +252,11 @@ class Bus:
             from tidings.sagas.registry import Sagas
 
             self.sagas = Sagas(self.service, self.database, self._saga_settings)
-        for message_type, handler in self.sagas.add(saga_type):
-            self._register(message_type, retry)(handler)
+        handlers = self.sagas.add(saga_type)
+        # Every registration checked (a type this service handles already) before any is made.
+        registering = [(self._register(message_type, retry), handler) for message_type, handler in handlers]
+        for register, handler in registering:
+            register(handler)
 
     def use(self, middleware: Middleware) -> None:
         """Add a middleware around every handler call (outermost first); on a running bus, from

@@ -11,6 +11,7 @@
     │   ├── PublishNotConfirmed     no confirm (the connection went, or none came in time): it may
     │   │   │                       or may not be stored; publish it again
     │   │   └── PublishRefused      the broker refused that one message (a nack): not stored
+    │   ├── AccessRefused       the broker's user may not do that (a missing permission)
     │   └── TransportClosed         the transport was used before open() or after close()
     ├── Unavailable                 a dependency (database, broker) is down: the message goes back
     │                               unhandled, not counted as a failure of the handler
@@ -30,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 __all__ = [
+    "AccessRefused",
     "ConfigurationError",
     "ConnectionFailed",
     "DecodeError",
@@ -99,6 +101,14 @@ class PublishRefused(PublishNotConfirmed):
     A verdict on the message, not a failing transport: the outbox relay keeps the row for a later
     try and lets the rows behind it go on. A `PublishNotConfirmed`, so callers that catch that
     one and publish again still do.
+    """
+
+
+class AccessRefused(TransportError):
+    """The broker refused an operation for want of permission (its user may not do that there).
+
+    Not a failing transport: doing it again changes nothing until an operator grants it
+    (`tidings topology --permissions` prints what a service needs).
     """
 
 

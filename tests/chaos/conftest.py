@@ -13,8 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import POSTGRES_HOST, rabbitmq_system_url, require_server
+from tests.sizes import FULL
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+#: Scenarios (and negative controls) left out of the smoke set, which keeps `scripts/test` in its
+#: budget: they run with `scripts/test --full`.
+full_only = pytest.mark.skipif(not FULL, reason="full sizes only (scripts/test --full)")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,15 @@ from tidings.verify import Report, Run, RunSettings
 
 
 @contextlib.asynccontextmanager
-async def ledger_run(directory: Path, **settings: Any) -> AsyncIterator[Run]:
-    """Set up a run of the harness, start its processes; stop and remove everything after."""
+async def ledger_run(
+    directory: Path, *, crash_at: Callable[[], str | None] | None = None, **settings: Any
+) -> AsyncIterator[Run]:
+    """Set up a run of the harness, start its processes; stop and remove everything after.
+
+    `crash_at` gives each consumer start its `TIDINGS_CRASH_AT` (the first ones included).
+    """
     run = Run(RunSettings(directory=directory / "logs", **settings))
+    run.crash_at = crash_at
     await run.setup()
     try:
         await run.start()

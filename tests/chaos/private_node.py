@@ -3,7 +3,8 @@
 The shared broker (rabbit@localhost on 5672) belongs to every test run and is never touched: this
 node has its own name, AMQP port (from 5780 on), distribution port (+20000), **its own epmd**
 (`ERL_EPMD_PORT`, so the system's epmd never learns of it), data and logs in a temporary
-directory, its own configuration (extra `rabbitmq.conf` lines, e.g. `consumer_timeout`), and a
+directory, its own configuration (extra `rabbitmq.conf` lines, e.g. `consumer_timeout`, and
+`rabbit` settings for `advanced.config`), and a
 soft open-files limit raised to the hard one (quorum queues hold file handles; 1,024 wedges a node).
 
     with PrivateNode.started() as node:
@@ -43,7 +44,7 @@ _WITH_FILES = 'ulimit -S -n "$(ulimit -H -n)" && exec "$0" "$@"'
 
 
 class PrivateNode:
-    def __init__(self, base: Path, port: int, extra_config: str = "") -> None:
+    def __init__(self, base: Path, port: int, extra_config: str = "", advanced: str = "") -> None:
         self.base = base
         self.port = port
         self.epmd_port = port - 1400  # 4380 for 5780: away from 4369 (system) and 4371 (rabbitmq4)
@@ -52,6 +53,7 @@ class PrivateNode:
             (base / sub).mkdir(parents=True, exist_ok=True)
         (base / "rabbitmq-env.conf").write_text("")
         (base / "enabled_plugins").write_text("[].\n")
+        (base / "advanced.config").write_text(f"[{{rabbit, [{advanced}]}}].\n")
         (base / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{port}\nloopback_users.guest = false\n{extra_config}"
         )
@@ -66,6 +68,7 @@ class PrivateNode:
             ERL_EPMD_ADDRESS="127.0.0.1",
             RABBITMQ_CONF_ENV_FILE=str(base / "rabbitmq-env.conf"),
             RABBITMQ_CONFIG_FILE=str(base / "rabbitmq.conf"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(base / "advanced.config"),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(base / "enabled_plugins"),
             RABBITMQ_MNESIA_BASE=str(base / "mnesia"),
             RABBITMQ_LOG_BASE=str(base / "log"),
@@ -147,7 +150,7 @@ class PrivateNode:
 
     @classmethod
     @contextlib.contextmanager
-    def started(cls, extra_config: str = "") -> Iterator[PrivateNode]:
+    def started(cls, extra_config: str = "", advanced: str = "") -> Iterator[PrivateNode]:
         """A node in a temporary directory of its own (user rabbitmq must reach it: not pytest's)."""
         if shutil.which("rabbitmq-server", path=SYSTEM_PATH) is None:
             _unavailable("rabbitmq-server is not installed: no private node")
@@ -164,7 +167,7 @@ class PrivateNode:
             return
         directory = Path(tempfile.mkdtemp(prefix="tidings-chaos-rabbitmq-"))
         try:
-            node = cls(directory, port, extra_config)
+            node = cls(directory, port, extra_config, advanced)
             try:
                 try:
                     node.start()

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.chaos.conftest import POSTGRES, full_only
 from tests.chaos.ledger import finish, ledger_run, made_progress
 from tests.chaos.private_node import PrivateNode
 from tests.conftest import POSTGRES_HOST, require_server, unique
 from tests.sizes import FULL, size
 from tidings.verify import Report, Run
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(900)]
 
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 #: Seconds the broker stays down each time.
 OUTAGE = 2.0
 
@@ -77,13 +77,14 @@ async def stream_through(
 async def test_a_broker_restarted_or_killed_during_a_stream_loses_nothing(
     tmp_path: Path, node: PrivateNode, fault: str
 ) -> None:
-    report, _ = await stream_through(tmp_path, node, fault, size(1, 3), size(400, 6000))
+    report, _ = await stream_through(tmp_path, node, fault, size(1, 3), size(200, 6000))
     assert report.lost == 0
     assert report.duplicate_effects == 0
     assert report.dead_lettered == 0
     assert report.handled == report.confirmed == report.sent
 
 
+@full_only
 async def test_negative_control_sends_counted_before_their_confirm_are_lost_in_a_restart(
     tmp_path: Path, node: PrivateNode
 ) -> None:

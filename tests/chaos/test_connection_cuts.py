@@ -17,15 +17,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.chaos.conftest import POSTGRES, full_only
 from tests.chaos.ledger import finish, ledger_run, made_progress
 from tests.conftest import rabbitmq_system_url, require_server
 from tests.sizes import size
 from tests.tcp_proxy import TcpProxy
 from tidings.verify import Report, Run
 
-pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq, pytest.mark.postgres, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq, pytest.mark.postgres, pytest.mark.timeout(900)]
 
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 #: Seconds each chunk spends in the proxy each way: publishes and confirms are in flight at a cut.
 LATENCY = 0.02
 
@@ -72,7 +72,7 @@ async def stream_through_cuts(tmp_path: Path, messages: int, **settings: object)
 
 
 async def test_connections_cut_mid_publish_and_mid_confirm_lose_nothing(tmp_path: Path) -> None:
-    report, cuts = await stream_through_cuts(tmp_path, size(300, 6000))
+    report, cuts = await stream_through_cuts(tmp_path, size(200, 6000))
     assert cuts >= 2
     assert report.lost == 0
     assert report.duplicate_effects == 0
@@ -80,6 +80,7 @@ async def test_connections_cut_mid_publish_and_mid_confirm_lose_nothing(tmp_path
     assert report.handled == report.confirmed == report.sent
 
 
+@full_only
 async def test_negative_control_sends_counted_before_their_confirm_are_lost_in_cuts(tmp_path: Path) -> None:
     report, _ = await stream_through_cuts(
         tmp_path, size(300, 2000), mode="plain", producer_control="unconfirmed", in_flight=50

@@ -16,19 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.conftest import SYSTEMS, System
+from tests.chaos.conftest import SYSTEMS, System, full_only
 from tests.chaos.ledger import finish, ledger_run
 from tests.sizes import FULL, size
 from tidings.verify import Report, Run
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 POINTS = ("verify-before-commit", "inbox-after-commit")
 
 
-def crash_points(rng: random.Random, *, points: tuple[str, ...] = POINTS) -> str | None:
-    """A crash point for the next consumer start: one in three starts has none."""
-    if rng.random() < 1 / 3:
+def crash_points(rng: random.Random, points: tuple[str, ...], unarmed: float) -> str | None:
+    """A crash point for the next consumer start (none for a share `unarmed` of the starts)."""
+    if rng.random() < unarmed:
         return None
     return f"{rng.choice(points)}:{rng.randint(1, 40)}"
 
@@ -41,18 +41,27 @@ async def kill_while_streaming(run: Run, rng: random.Random) -> None:
 
 
 async def stream(
-    tmp_path: Path, system: System, messages: int, *, patience: float = 20.0, **settings: object
+    tmp_path: Path,
+    system: System,
+    messages: int,
+    *,
+    patience: float = 20.0,
+    points: tuple[str, ...] = POINTS,
+    kills: bool = True,
+    **settings: object,
 ) -> tuple[Report, Run]:
+    """A stream with consumers dying at crash points (armed on two starts in three, or on every
+    start without `kills`), and with `kills` SIGKILLed at random moments too."""
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     print(f"\nseed {seed}")
-    points = settings.pop("points", POINTS)
     async with ledger_run(
         tmp_path, transport=system.transport, database=system.database, messages=messages,
-        rate=size(100, 200), consumers=2, **settings,
+        rate=size(100, 200), consumers=2, crash_at=lambda: crash_points(rng, points, 1 / 3 if kills else 0),
+        **settings,
     ) as run:  # fmt: skip
-        run.crash_at = lambda: crash_points(rng, points=points)  # type: ignore[arg-type]
-        await kill_while_streaming(run, rng)
+        if kills:
+            await kill_while_streaming(run, rng)
         report = await finish(run, patience=patience, what="consumer kills")
     return report, run
 
@@ -61,7 +70,7 @@ async def stream(
 async def test_consumers_killed_before_and_after_their_commit_apply_each_effect_once(
     tmp_path: Path, system: System
 ) -> None:
-    report, run = await stream(tmp_path, system, size(400, 10_000))
+    report, run = await stream(tmp_path, system, size(200, 10_000))
     assert run.kills + run.restarts["consumer"] > 2  # the faults did happen
     assert report.lost == 0
     assert report.duplicate_effects == 0
@@ -74,13 +83,15 @@ async def test_negative_control_without_the_inbox_effects_happen_twice(
     tmp_path: Path, system: System
 ) -> None:
     # Killed only at the inbox's window (committed, not acknowledged): every such death is a duplicate.
-    report, _ = await stream(
-        tmp_path, system, size(200, 2000), consumer_control="no-inbox", points=("inbox-after-commit",)
-    )
+    report, run = await stream(
+        tmp_path, system, size(150, 2000), consumer_control="no-inbox", points=("inbox-after-commit",),
+        kills=False,
+    )  # fmt: skip
+    assert run.restarts["consumer"] > 0
     assert report.duplicate_effects > 0
 
 
-@pytest.mark.skipif(not FULL, reason="full sizes only (scripts/test --full): one control in the smoke set")
+@full_only  # one control of this scenario in the smoke set
 @pytest.mark.parametrize("system", SYSTEMS[:1], indirect=True)
 async def test_negative_control_acknowledging_before_the_effect_loses_effects(
     tmp_path: Path, system: System

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
+from tests.chaos.conftest import POSTGRES, full_only
 from tests.chaos.ledger import finish, ledger_run
 from tests.conftest import rabbitmq_system_url, require_server
 from tests.sizes import size
@@ -25,9 +26,8 @@ from tidings.storage import outbox_table, utc_now
 from tidings.transports import transport_from_url
 from tidings.verify import Run
 
-pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq, pytest.mark.postgres, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq, pytest.mark.postgres, pytest.mark.timeout(900)]
 
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 WRITERS = 8
 
 
@@ -35,7 +35,7 @@ def writers(tmp_path: Path, **settings: object) -> contextlib.AbstractAsyncConte
     require_server("PostgreSQL", ("127.0.0.1", 5432))
     return ledger_run(
         tmp_path, transport=rabbitmq_system_url("writers"), database=POSTGRES,
-        messages=size(400, 8000), producers=WRITERS, mode="outbox", commit_delay=0.05,
+        messages=size(200, 8000), producers=WRITERS, mode="outbox", commit_delay=0.05,
         rate=size(200, 150), **settings,
     )  # fmt: skip
 
@@ -71,6 +71,7 @@ async def naive_relay(run: Run) -> None:
             await asyncio.sleep(0.01)
 
 
+@full_only
 async def test_negative_control_a_relay_that_remembers_the_last_id_loses_rows(tmp_path: Path) -> None:
     async with writers(tmp_path, relay=False) as run:
         relaying = asyncio.create_task(naive_relay(run))

@@ -15,14 +15,14 @@ from urllib.parse import quote
 import pytest
 from sqlalchemy import text
 
+from tests.chaos.conftest import POSTGRES
 from tests.conftest import RABBITMQ_HOST, rabbitmqctl, require_server, session_vhost
 from tests.helpers import ROOT
 from tests.sizes import size
 from tidings.verify.databases import engine_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq, pytest.mark.postgres, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq, pytest.mark.postgres, pytest.mark.timeout(900)]
 
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 END_LINE = re.compile(
     r"^verify: sent (\d+), handled (\d+), lost (\d+), duplicate deliveries (\d+), "
     r"duplicate effects (\d+), dead-lettered (\d+)$"
@@ -67,7 +67,7 @@ def run_id(err: str) -> str:
 
 
 async def test_tidings_verify_ends_with_its_line_and_exit_0_and_removes_what_it_made() -> None:
-    messages = size(200, 10_000)
+    messages = size(150, 10_000)
     code, out, err = await tidings_verify(
         "--transport", broker_url(), "--database", POSTGRES, "--messages", str(messages),
         "--kill-consumers-every", "1", "--rate", str(size(100, 200)),
@@ -83,7 +83,7 @@ async def test_tidings_verify_ends_with_its_line_and_exit_0_and_removes_what_it_
 
 async def test_negative_control_tidings_verify_fails_with_exit_1_when_effects_are_lost() -> None:
     code, out, err = await tidings_verify(
-        "--transport", broker_url(), "--database", POSTGRES, "--messages", str(size(200, 2000)),
+        "--transport", broker_url(), "--database", POSTGRES, "--messages", str(size(150, 2000)),
         "--kill-consumers-every", "1", "--rate", "100", "--negative-control", "ack-before-effect",
         "--patience", "3",
     )  # fmt: skip

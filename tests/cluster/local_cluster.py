@@ -8,6 +8,7 @@ with the script's reason, and fails it under `CI`. Every test gets a vhost of it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,7 +27,16 @@ SCRIPT = ROOT / "scripts" / "rabbitmq-cluster"
 #: The issue's bound on starting the cluster, with room for a machine shared with other runs.
 START_TIMEOUT = 180
 #: The RabbitMQ versions the cluster tests run on: the machine's, and RabbitMQ 4 in full runs.
-VERSIONS = ["system", pytest.param("4", marks=pytest.mark.skipif(not FULL, reason="full sizes only"))]
+VERSIONS = [
+    "system",
+    pytest.param(
+        "4",
+        marks=pytest.mark.skipif(
+            not FULL and os.environ.get("TIDINGS_CLUSTER_RABBITMQ") != "4",
+            reason="full sizes only (or TIDINGS_CLUSTER_RABBITMQ=4)",
+        ),
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -103,10 +113,8 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
             cluster.run("start", timeout=START_TIMEOUT)
     except RuntimeError as error:
         if started_here:
-            try:
+            with contextlib.suppress(RuntimeError):
                 cluster.run("stop")
-            except RuntimeError:
-                pass
         _unavailable(f"the local RabbitMQ cluster did not start: {error}")
     try:
         yield cluster

@@ -76,7 +76,8 @@ async def test_every_settled_delivery_is_audited_with_its_outcome(kind: str, tmp
         return len(feed.records) >= 8 and stopped >= {shop.audit.instance, warehouse.audit.instance}  # type: ignore[union-attr]
 
     feed = await read_feed(url, complete)
-    assert shop.audit is not None and warehouse.audit is not None
+    assert shop.audit is not None
+    assert warehouse.audit is not None
     by = {(r.service, r.correlation_id, r.outcome, r.round): r for r in feed.records}
     outcomes = sorted((r.service == shop.service, r.correlation_id, r.outcome, r.round) for r in feed.records)
     assert outcomes == [
@@ -91,11 +92,15 @@ async def test_every_settled_delivery_is_audited_with_its_outcome(kind: str, tmp
     ], outcomes
     handled = by[(shop.service, "order-1", "handled", 1)]
     assert handled.type == "audit-test.ordered"
-    assert handled.source == warehouse.service and handled.queue == shop.queue
+    assert handled.source == warehouse.service
+    assert handled.queue == shop.queue
     assert handled.instance == shop.audit.instance
     assert handled.message_id == envelopes[1].id
-    assert handled.duration_ms > 0 and handled.sent_at is not None and handled.processed_at >= handled.sent_at
-    assert handled.body_size > 40 and len(handled.body.encode()) == 12  # cut at max_body
+    assert handled.duration_ms > 0
+    assert handled.sent_at is not None
+    assert handled.processed_at >= handled.sent_at
+    assert handled.body_size > 40
+    assert len(handled.body.encode()) == 12
     assert handled.headers["correlationid"] == "order-1"
     retried = by[(shop.service, "order-2", "retried", 1)]
     assert (retried.reason, retried.failures, retried.error_type) == ("handler-failed", 2, "RuntimeError")
@@ -103,19 +108,28 @@ async def test_every_settled_delivery_is_audited_with_its_outcome(kind: str, tmp
     assert (dead.reason, dead.error_type, dead.error_message) == ("handler-failed", "ValueError", "never")
     # The command the shop sent while handling order-1 names its cause.
     shipped_record = by[(warehouse.service, "order-1", "handled", 1)]
-    assert shipped_record.causation_id == envelopes[1].id and shipped_record.source == shop.service
+    assert shipped_record.causation_id == envelopes[1].id
+    assert shipped_record.source == shop.service
     # Records travel in batches: fewer audit messages than records.
     assert feed.messages["tidings.audit-records"] < len(feed.records)
 
     # Heartbeats: who, where, what version, and the counters as they grew; a last one on stopping.
     beats = [b for b in feed.beats if b.instance == shop.audit.instance]
-    assert len(beats) >= 2 and beats[-1].stopping and not beats[0].stopping
+    assert len(beats) >= 2
+    assert beats[-1].stopping
+    assert not beats[0].stopping
     last = beats[-1]
-    assert last.service == shop.service and last.pid > 0 and last.host and last.version
+    assert last.service == shop.service
+    assert last.pid > 0
+    assert last.host
+    assert last.version
     # `handled` counts the duplicate too: the pipeline acknowledged it like any other.
-    assert last.counters["handled"] == 3 and last.counters["dead_lettered"] == 1
-    assert last.counters["duplicates"] == 1 and last.counters["retries_scheduled"] == 2
-    assert "relayed" in last.counters and last.counters["relayed"] >= 2  # the Ships went through its outbox
+    assert last.counters["handled"] == 3
+    assert last.counters["dead_lettered"] == 1
+    assert last.counters["duplicates"] == 1
+    assert last.counters["retries_scheduled"] == 2
+    assert "relayed" in last.counters
+    assert last.counters["relayed"] >= 2
     assert last.outbox_backlog is not None  # the relay's last look at its backlog, reported
     assert beats[0].outbox_backlog is None or beats[0].outbox_backlog >= 0
     assert last.audit_dropped == 0

@@ -115,7 +115,9 @@ async def _look(browser: Browser, base: str, orders: dict[str, str], shots: Path
     await page.click("svg.sequence g.arrow[data-type='payment.charge'] text")
     await page.wait_for_url("**/message/*")
     details = await page.inner_text("main")
-    assert "payment.charge" in details and orders["alice"] in details and "ordering → payment" in details
+    assert "payment.charge" in details
+    assert orders["alice"] in details
+    assert "ordering → payment" in details
 
     # carol's order is over payment's limit: her conversation shows the declined payment.
     def declined(found: list[list[str]]) -> bool:

@@ -11,11 +11,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
+from tests.conftest import system_url
 from tests.dashboard.server import dashboard
 from tests.helpers import running
-from tidings import Bus, Command, Context, RetryPolicy
+from tidings import Bus, Command, Context, Envelope, RetryPolicy
 from tidings.audit import AuditSettings
+from tidings.dashboard.depth import queue_depths
+from tidings.transports import transport_from_url
 
 FAST = AuditSettings(heartbeat_interval=0.3, flush_interval=0.05)
 
@@ -72,11 +76,13 @@ async def test_services_failed_messages_replay_and_live_events(tmp_path: Path) -
 
             await until("the dead letter on the failed messages page", failed_listed)
             failed = await page("/failed")
-            assert "builtins.ConnectionError" in failed and "the provider is down for order-1" in failed
+            assert "builtins.ConnectionError" in failed
+            assert "the provider is down for order-1" in failed
             (dead,) = await payment.transport.dead_letters("payment")
             details = await page(f"/failed/message?service=payment&id={dead.message_id}")
             assert '"order_id": "order-1"' in details.replace("&#34;", '"')  # the body
-            assert "checkout-1" in details and "Traceback" in details
+            assert "checkout-1" in details
+            assert "Traceback" in details
 
             # The confirmation page only asks: nothing moves until its form is posted.
             confirm = await page(f"/confirm?action=replay-one&service=payment&id={dead.message_id}")
@@ -91,7 +97,8 @@ async def test_services_failed_messages_replay_and_live_events(tmp_path: Path) -
 
             broken = False
             done = await client.post("/act", data=form, headers={"Origin": server.url})
-            assert done.status_code == 303 and "replayed+1+message" in done.headers["location"]
+            assert done.status_code == 303
+            assert "replayed+1+message" in done.headers["location"]
 
             async def handled_after_replay() -> bool:
                 return "handled" in await page("/fragment/conversation?id=checkout-1") and handled == [
@@ -100,7 +107,8 @@ async def test_services_failed_messages_replay_and_live_events(tmp_path: Path) -
 
             await until("the replayed message handled, in its conversation", handled_after_replay)
             diagram = await page("/conversation?id=checkout-1")
-            assert 'data-outcome="handled"' in diagram and "shop → payment" in diagram
+            assert 'data-outcome="handled"' in diagram
+            assert "shop → payment" in diagram
             assert await payment.transport.dead_letters("payment") == []
 
         async def stopped() -> bool:  # the buses' last heartbeats said they stopped
@@ -120,10 +128,25 @@ async def test_beyond_loopback_replay_and_purge_need_the_token(tmp_path: Path) -
     url = f"sqlite:///{tmp_path / 'bus.db'}"
     with dashboard(url, tmp_path / "dashboard.db", "--host", "0.0.0.0") as server:
         token = server.line.rsplit("token ", 1)[-1].strip()
-        assert "replay and purge need the token" in server.line and len(token) >= 20
+        assert "replay and purge need the token" in server.line
+        assert len(token) >= 20
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             assert 'name="token"' in (await client.get("/confirm?action=purge")).text
             refused = await client.post("/act", data={"action": "purge", "token": "wrong"})
-            assert refused.status_code == 403 and "token" in refused.text
+            assert refused.status_code == 403
+            assert "token" in refused.text
             done = await client.post("/act", data={"action": "purge", "token": token})
-            assert done.status_code == 303 and "purged+0" in done.headers["location"]
+            assert done.status_code == 303
+            assert "purged+0" in done.headers["location"]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+async def test_queue_depths_are_read_from_the_transport(kind: str, tmp_path: Path) -> None:
+    async with transport_from_url(system_url(kind, tmp_path)) as transport:
+        await transport.declare_queue("waiting")
+        await transport.declare_queue("empty")
+        for n in range(3):
+            await transport.send(Envelope(type="t", source="s", body=b"{}", id=f"m{n}"), "waiting")
+        assert await queue_depths(transport, ["waiting", "empty"]) == {"waiting": 3, "empty": 0}
+    async with transport_from_url(f"memory://{tmp_path.name}") as memory:  # no way to ask: unknown
+        assert await queue_depths(memory, ["waiting"]) == {"waiting": None}

@@ -54,7 +54,8 @@ def test_arrows_follow_causation_before_clocks() -> None:
     assert diagram.lifelines == ["basket", "ordering", "catalog", "payment"]
     assert [(a.sender, a.receiver) for a in diagram.arrows][-1] == ("ordering", "payment")
     first, last = diagram.arrows[0], diagram.arrows[-1]
-    assert first.x1 < first.x2 and last.y > first.y
+    assert first.x1 < first.x2
+    assert last.y > first.y
 
 
 def test_deliveries_of_one_message_fold_into_one_arrow_with_its_retries() -> None:

@@ -58,8 +58,12 @@ async def test_records_are_found_by_conversation_message_id_and_body_value(store
     first = await store.first_records(["c1", "c2"])
     assert (first["c1"].record.message_id, first["c2"].record.message_id) == ("m1", "m3")
     assert await store.services() == ["b", "c"]
+    counts, durations = await store.window(0.0)
+    assert sorted(counts) == [("b", "handled", 2), ("c", "handled", 1)]
+    assert sorted(durations) == [("b", 1.0), ("b", 1.0), ("c", 1.0)]
     stored = await store.record(conversation[1].id)
-    assert stored is not None and stored.record.causation_id == "m1"
+    assert stored is not None
+    assert stored.record.causation_id == "m1"
 
 
 async def test_an_instance_keeps_its_newest_heartbeat(store: Store) -> None:

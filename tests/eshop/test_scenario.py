@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from examples.eshop.run import Result, run_demo
-from examples.eshop.scenario import NOTICE, read_state
+from examples.eshop.scenario import NOTICE, PAYMENT_TIMEOUT, read_state
 
 pytestmark = pytest.mark.slow
 
@@ -30,19 +30,24 @@ async def run(transport: str, workdir: Path, suffix: str = "") -> tuple[Result, 
     assert any("basket" in line and "ProductPriceChanged" in line and "DUPLICATE" in line for line in lines)
     assert any("payment" in line and "FAILED attempt 1: ProviderTimeout" in line for line in lines)
     assert any(line.split() == ["result", "everything", "as", "expected"] for line in lines), trace
+    # ordering's order process shows its transitions, frank's payment timeout among them.
+    assert any(
+        "saga" in line and "charging payment -> cancelled (completed) on ordering.payment-timed-out" in line
+        for line in lines
+    ), trace
     # Read again now that every process has stopped: the state is on disk, not in flight.
     state = read_state({name: workdir / f"{name}.db" for name in SERVICES}, result.outcome.orders)
     return result, state
 
 
 def check(result: Result, state: dict[str, dict[str, object]]) -> None:
-    assert set(result.outcome.orders) == {"alice", "bob", "carol", "dave"}
+    assert set(result.outcome.orders) == {"alice", "bob", "carol", "dave", "frank"}
     assert result.exit_codes == dict.fromkeys(("gateway", "payment", "ordering", "basket", "catalog"), 0)
 
     # catalog: tea repriced; stock out for the confirmed orders, back for carol's cancelled one.
     assert state["catalog"]["products"] == {
         "Tea": ("3.50", 100 - 2 - 3),
-        "Coffee": ("9.00", 50 - 1 - 2),
+        "Coffee": ("9.00", 50 - 1 - 2),  # frank's coffee held, then given back
         "Espresso machine": ("450.00", 5),
     }
     assert state["catalog"]["reservations"] == {
@@ -51,6 +56,7 @@ def check(result: Result, state: dict[str, dict[str, object]]) -> None:
         ("bob", "Coffee"): (2, "sold"),
         ("carol", "Espresso machine"): (1, "released"),
         ("dave", "Tea"): (3, "sold"),
+        ("frank", "Coffee"): (1, "released"),  # the saga's compensation after the payment timeout
     }
     # basket: checked-out baskets are empty; erin's still holds tea at the new price. Each buyer who
     # held tea was told once, though ProductPriceChanged was delivered twice.
@@ -62,12 +68,14 @@ def check(result: Result, state: dict[str, dict[str, object]]) -> None:
         "bob": ("confirmed", "18.00", None),
         "carol": ("cancelled", "450.00", "amount 450.00 is over the limit of 300"),
         "dave": ("confirmed", "10.50", None),
+        "frank": ("cancelled", "9.00", f"no answer from payment within {PAYMENT_TIMEOUT} s"),
     }
     assert state["payment"]["payments"] == {
         "alice": ("succeeded", "16.00"),
         "bob": ("succeeded", "18.00"),
         "carol": ("declined", "450.00"),
         "dave": ("succeeded", "10.50"),
+        "frank": ("pending", "9.00"),  # the provider never answered
     }
 
     # The counters: one duplicate suppressed by basket's inbox, dave's charge failed once and was
@@ -81,6 +89,10 @@ def check(result: Result, state: dict[str, dict[str, object]]) -> None:
     assert result.outcome.statuses["dave"][-1] == "confirmed"
     assert any(status.startswith("pending") for status in result.outcome.statuses["dave"])
     assert result.outcome.statuses["carol"][-1].startswith("cancelled")
+    assert result.outcome.statuses["frank"][-2:] == [
+        "pending (charging payment)",
+        f"cancelled: no answer from payment within {PAYMENT_TIMEOUT} s",
+    ]
 
 
 async def test_scenario_on_sqlite(tmp_path: Path) -> None:

@@ -34,10 +34,14 @@ SYSTEMS = [
     pytest.param(("sqlite", "sqlite"), id="sqlite-db+sqlite-transport"),
     pytest.param(("postgresql", "rabbitmq"), id="postgresql+rabbitmq", marks=[pytest.mark.postgres]),
 ]
-SAGAS = size(100, 1000)
+SAGAS = size(60, 1000)
+#: pytest's per-test limit (120 s by default) is short for the full sizes on a busy machine.
+pytestmark = pytest.mark.timeout(size(120, 1200))
 CONSUMERS = 4
 DUPLICATED = 0.10
-REORDERED = 0.20
+#: Each step of a saga swaps with the next one with this chance: it leaves about 20 % of the
+#: messages out of their place (the test checks the fraction of the run).
+SWAP = 0.14
 
 
 @pytest.fixture(params=SYSTEMS)
@@ -58,17 +62,17 @@ async def consumer(cluster: Cluster) -> asyncio.subprocess.Process:
 
 
 def plan(sagas: int, seed: int) -> tuple[list[Envelope], int, int]:
-    """The envelopes to send: `STEPS` steps per saga, a fifth of the messages out of order, a tenth
-    sent twice (same id, as an at-least-once transport does). Also how many were reordered and
-    duplicated."""
+    """The envelopes to send: `STEPS` steps per saga, about a fifth of the messages out of their
+    place, a tenth sent twice (same id, as an at-least-once transport does). Also how many were
+    out of place and how many duplicated."""
     rng = random.Random(seed)
     sender = Sender("driver", transport_from_url("memory://plan"), Routes("driver", ()))
     envelopes: list[Envelope] = []
     reordered = duplicated = 0
     for number in range(sagas):
         steps = list(range(1, STEPS + 1))
-        for index in range(STEPS - 1):  # swap a step with the next one, for 20 % of the steps
-            if rng.random() < REORDERED / 2:
+        for index in range(STEPS - 1):
+            if rng.random() < SWAP:
                 steps[index], steps[index + 1] = steps[index + 1], steps[index]
         reordered += sum(1 for index, n in enumerate(steps, 1) if index != n)
         for n in steps:
@@ -138,8 +142,8 @@ async def test_four_consumers_take_duplicated_and_reordered_steps_and_every_saga
     cluster: Cluster,
 ) -> None:
     envelopes, reordered, duplicated = plan(SAGAS, seed=15)
-    assert reordered > 0
-    assert duplicated > 0
+    assert 0.15 < reordered / (SAGAS * STEPS) < 0.25
+    assert 0.05 < duplicated / (SAGAS * STEPS) < 0.15
     for _ in range(CONSUMERS):
         await consumer(cluster)
     await send_all(cluster, envelopes)

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import unique
@@ -343,3 +343,26 @@ async def test_a_bus_with_sagas_refuses_to_start_without_the_saga_table(database
         await eventually(lambda: bus.sagas is not None and bus.sagas.stats.steps == 1)
     async with database.connect() as connection:
         assert (await connection.execute(select(func.count()).select_from(effects))).scalar_one() == 1
+
+
+async def test_an_integrity_error_of_the_step_itself_is_a_failure_not_a_conflict(
+    database: AsyncEngine,
+) -> None:
+    class Clumsy(Saga[Count], name="clumsy"):
+        @starts(Begin, by="key")
+        async def begin(self, message: Begin, ctx: SagaContext) -> None:
+            for _ in range(2):  # the same primary key twice: the service's own mistake
+                await ctx.session.execute(insert(effects).values(id=1, key=message.key, n=0))
+
+    from tidings import RetryPolicy
+
+    bus = Bus("clumsy", f"memory://{unique()}", database=database, retry=RetryPolicy.none())
+    bus.saga(Clumsy)
+    await bus.create_tables()
+    assert bus.sagas is not None
+    async with running(bus):
+        await bus.send(Begin(key="c", after=0))
+        await eventually(lambda: bus.stats.dead_lettered == 1)
+    assert bus.stats.failed_attempts == 1
+    assert bus.sagas.stats.conflicts == 0
+    assert await saga_rows(database) == {}

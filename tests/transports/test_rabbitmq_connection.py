@@ -18,7 +18,7 @@ from tests.transports.test_rabbitmq import BROKER, unavailable
 from tidings.errors import ConnectionFailed, TransportClosed
 from tidings.transports import transport_from_url
 from tidings.transports.rabbitmq import RabbitMQTransport
-from tidings.transports.rabbitmq.settings import QueueType, RabbitMQSettings
+from tidings.transports.rabbitmq.settings import QueueType, RabbitMQSettings, TLSSettings
 
 # The same fixtures as test_rabbitmq: this module's own vhost, URLs of a fresh namespace in it.
 vhost = common.vhost
@@ -32,7 +32,8 @@ def test_the_url_options_are_read() -> None:
         "&heartbeat=30&cafile=/etc/ca.pem"
     )
     assert settings == RabbitMQSettings(
-        broker_url="amqps://app:s3cret@rabbit.example:5671/shop?heartbeat=30&cafile=%2Fetc%2Fca.pem",
+        broker_url="amqps://app:s3cret@rabbit.example:5671/shop?heartbeat=30",
+        tls=TLSSettings(cafile="/etc/ca.pem"),  # the TLS options are tidings' (tls.py)
         namespace="eshop",
         queue_type=QueueType.CLASSIC,
         delivery_limit=5,
@@ -40,9 +41,7 @@ def test_the_url_options_are_read() -> None:
         publish_timeout=7.0,
         reconnect_interval=0.5,
     )
-    assert settings.redacted_url == (
-        "amqps://app:***@rabbit.example:5671/shop?heartbeat=30&cafile=%2Fetc%2Fca.pem"
-    )
+    assert settings.redacted_url == "amqps://app:***@rabbit.example:5671/shop?heartbeat=30"
 
 
 def test_the_defaults() -> None:

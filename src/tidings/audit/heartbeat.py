@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import os
 import socket
 import time
@@ -20,13 +19,14 @@ from typing import Protocol
 from tidings.audit.records import HEARTBEAT_TYPE, Heartbeat, encode_heartbeat
 from tidings.audit.settings import AuditSettings
 from tidings.envelope import Envelope
+from tidings.logs import logger
 from tidings.stats import Stats
 from tidings.telemetry.port import OutboxGauges
 from tidings.transports.base import Transport
 
 __all__ = ["Beater", "RelayCounts"]
 
-log = logging.getLogger("tidings.audit")
+log = logger("tidings.audit")
 
 try:
     VERSION: str | None = metadata.version("tidings")

@@ -12,6 +12,7 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "HEARTBEAT_TYPE",
     "OUTCOMES",
     "RECORDS_TYPE",
+    "RECORD_FIELDS",
     "RETRIED",
     "UNSETTLED",
     "AuditRecord",
@@ -67,7 +69,8 @@ class AuditRecord:
     correlation_id: str | None = None
     causation_id: str | None = None
     subject: str | None = None
-    #: When the message was made (its envelope's time) and arrived, in seconds since the epoch.
+    #: When the message was made (its envelope's `time` header; the bus leaves it to the reader,
+    #: `with_sent_time`) and when it arrived, in seconds since the epoch.
     sent_at: float | None = None
     processed_at: float = 0.0
     #: From the delivery's arrival to the start of its settling: the handler, the inbox, the checks.
@@ -80,6 +83,12 @@ class AuditRecord:
     #: The body as text, cut at `AuditSettings.max_body` bytes; `body_size` is the whole size.
     body: str = ""
     body_size: int = 0
+
+    def with_sent_time(self) -> AuditRecord:
+        """This record with `sent_at` read from its `time` header when it has none."""
+        if self.sent_at is None:
+            self.sent_at = _timestamp(self.headers.get("time"))
+        return self
 
     def to_json(self) -> dict[str, Any]:
         # Not dataclasses.asdict: its deep copy of every field was most of auditing's cost.
@@ -136,7 +145,9 @@ class Heartbeat:
         return beat
 
 
-_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(AuditRecord))
+#: The fields of a record, in the order of a batch's rows.
+RECORD_FIELDS = [f.name for f in dataclasses.fields(AuditRecord)]
+_RECORD_FIELDS = tuple(RECORD_FIELDS)
 _HEARTBEAT_FIELDS = tuple(f.name for f in dataclasses.fields(Heartbeat))
 _TEXT = (str,)
 _OPTIONAL_TEXT = (str, type(None))
@@ -182,6 +193,16 @@ _HEARTBEAT_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+def _timestamp(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
 def _check(value: AuditRecord | Heartbeat, types: Mapping[str, tuple[type, ...]]) -> None:
     # JSON from the queue is whatever someone put there: a wrong type is refused here, not in
     # the store's insert or the page's template.
@@ -194,17 +215,27 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def encode_records(records: list[dict[str, Any]]) -> bytes:
-    """The body of one batch: records already as JSON objects (`AuditRecord.to_json`)."""
-    return _dumps(records)
+def encode_records(rows: list[list[Any]]) -> bytes:
+    """The body of one batch: each record as a row of values in `RECORD_FIELDS` order.
+
+    Rows rather than objects: the names once per batch instead of once per record, which makes
+    the batch about half the size and its encoding about twice as fast (`bench/audit_throughput.py`).
+    """
+    return _dumps({"fields": RECORD_FIELDS, "rows": rows})
 
 
 def decode_records(body: bytes) -> list[AuditRecord]:
     """The records of one batch; `ValueError` when it is not one."""
     data = json.loads(body)
-    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
-        raise ValueError("an audit batch is a JSON array of objects")
-    return [AuditRecord.from_json(item) for item in data]
+    if not isinstance(data, dict):
+        raise ValueError("an audit batch is a JSON object with fields and rows")
+    fields, rows = data.get("fields"), data.get("rows")
+    if not isinstance(fields, list) or not all(isinstance(name, str) for name in fields):
+        raise ValueError("an audit batch names its fields")
+    width = len(fields)
+    if not isinstance(rows, list) or not all(isinstance(row, list) and len(row) == width for row in rows):
+        raise ValueError("an audit batch's rows have a value per field")
+    return [AuditRecord.from_json(dict(zip(fields, row, strict=True))).with_sent_time() for row in rows]
 
 
 def encode_heartbeat(beat: Heartbeat) -> bytes:

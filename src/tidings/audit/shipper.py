@@ -10,21 +10,20 @@ ends, what is left is sent once more before the task ends.
 from __future__ import annotations
 
 import asyncio
-import logging
-from datetime import UTC, datetime
 from typing import Any
 
-from tidings.audit.records import RECORDS_TYPE, AuditRecord, encode_records
+from tidings.audit.records import RECORD_FIELDS, RECORDS_TYPE, AuditRecord, encode_records
 from tidings.audit.settings import AuditSettings
 from tidings.audit.telemetry import Settled
 from tidings.backoff import capped_exponential
 from tidings.envelope import Envelope
 from tidings.headers import ATTEMPT, FAULT_PREFIX
+from tidings.logs import logger
 from tidings.transports.base import Transport
 
 __all__ = ["Shipper"]
 
-log = logging.getLogger("tidings.audit")
+log = logger("tidings.audit")
 
 #: How long the last send at the end of a run may take before the rest is given up.
 FINAL_FLUSH_TIMEOUT = 5.0
@@ -95,7 +94,7 @@ class Shipper:
         size = self.settings.batch_size
         while self._waiting:
             batch = self._waiting[:size]
-            body = encode_records([self.record(settled).to_json() for settled in batch])
+            body = encode_records([self.row(settled) for settled in batch])
             envelope = Envelope(type=RECORDS_TYPE, source=self.service, body=body)
             await transport.send(envelope, self.settings.queue)
             # Only once the transport has it: a failed send keeps the batch for the next try.
@@ -104,51 +103,41 @@ class Shipper:
 
     def record(self, settled: Settled) -> AuditRecord:
         """The audit record of a settled delivery."""
+        return AuditRecord(**dict(zip(RECORD_FIELDS, self.row(settled), strict=True)))
+
+    def row(self, settled: Settled) -> list[Any]:
+        """The record of a settled delivery as a row, its values in `RECORD_FIELDS` order."""
         headers = settled.headers
         body = settled.body
-        kept = body[: self.settings.max_body]
         error = settled.error
-        message = None
-        if error is not None:
-            message = str(error)[:_MAX_ERROR_MESSAGE]
-        return AuditRecord(
-            message_id=headers.get("id", ""),
-            type=headers.get("type", ""),
-            source=headers.get("source", ""),
-            service=settled.service,
-            queue=settled.queue,
-            instance=self.instance,
-            outcome=settled.outcome,
-            reason=settled.reason,
-            error_type=_qualified(error) if error is not None else None,
-            error_message=message,
-            correlation_id=headers.get("correlationid"),
-            causation_id=headers.get("causationid"),
-            subject=headers.get("subject"),
-            sent_at=_timestamp(headers.get("time")),
-            processed_at=settled.arrived,
-            duration_ms=round((settled.duration or 0.0) * 1000, 3),
-            round=_int(headers.get(ATTEMPT), 1),
-            failures=settled.failures,
-            headers=_message_headers(headers),
-            body=kept.decode("utf-8", errors="replace"),
-            body_size=len(body),
-        )
+        return [
+            headers.get("id", ""),  # message_id
+            headers.get("type", ""),
+            headers.get("source", ""),
+            settled.service,
+            settled.queue,
+            self.instance,
+            settled.outcome,
+            settled.reason,
+            _qualified(error) if error is not None else None,  # error_type
+            str(error)[:_MAX_ERROR_MESSAGE] if error is not None else None,  # error_message
+            headers.get("correlationid"),
+            headers.get("causationid"),
+            headers.get("subject"),
+            None,  # sent_at: read from the `time` header by whoever reads the record (`sent_time`)
+            settled.arrived,  # processed_at
+            round((settled.duration or 0.0) * 1000, 3),  # duration_ms
+            _int(headers.get(ATTEMPT), 1),  # round
+            settled.failures,
+            _message_headers(headers),
+            body[: self.settings.max_body].decode("utf-8", errors="replace"),
+            len(body),  # body_size
+        ]
 
 
 def _qualified(error: BaseException) -> str:
     kind = type(error)
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-
-
-def _timestamp(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _int(text: str | None, default: int) -> int:
@@ -161,6 +150,8 @@ def _int(text: str | None, default: int) -> int:
 def _message_headers(headers: Any) -> dict[str, str]:
     # The fault headers of a replayed message are gone already; those of the first delivery's
     # retries are the bus's own bookkeeping, which the record says in its own fields.
-    return {
-        str(k): str(v) for k, v in headers.items() if k != ATTEMPT and not str(k).startswith(FAULT_PREFIX)
-    }
+    # Only a delayed retry carries them (a dead letter is never delivered; a replay has them
+    # stripped), and it always carries the attempt header.
+    if ATTEMPT not in headers:
+        return headers if type(headers) is dict else dict(headers)
+    return {k: v for k, v in headers.items() if k != ATTEMPT and not k.startswith(FAULT_PREFIX)}

@@ -37,14 +37,47 @@ def add_command(commands: Any) -> None:
         "bindings of the events it subscribes to and, on RabbitMQ, the exchanges and queue "
         "arguments. Derived from the bus's registrations; nothing is connected to.",
     )
-    parser.add_argument("bus", help="the bus to describe, as package.module:attribute")
+    parser.add_argument("bus", nargs="+", help="the bus(es) to describe, as package.module:attribute")
     parser.add_argument("--transport", default=None, metavar="URL", help=TRANSPORT_HELP)
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--permissions",
+        action="store_true",
+        help="print, for each service, the `rabbitmqctl set_permissions` command granting its broker "
+        "user (named after the service) what it needs and no more",
+    )
     parser.set_defaults(run=_topology)
 
 
 def _topology(args: argparse.Namespace) -> int:
-    print_topology(load_bus(args.bus, transport=args.transport), sys.stdout, as_json=args.json)
+    buses = [load_bus(path, transport=args.transport) for path in args.bus]
+    if args.permissions:
+        return print_permissions(buses, sys.stdout, as_json=args.json)
+    for index, bus in enumerate(buses):
+        if index:
+            sys.stdout.write("\n")
+        print_topology(bus, sys.stdout, as_json=args.json)
+    return 0
+
+
+def print_permissions(buses: list[Bus], out: TextIO, *, as_json: bool = False) -> int:
+    """Print each RabbitMQ service's `set_permissions` command (docs/rabbitmq.md); 2 if one is not."""
+    from tidings.transports.rabbitmq.permissions import service_permissions
+
+    granted = []
+    for bus in buses:
+        topology = _rabbitmq_topology(bus)
+        if topology is None:
+            sys.stderr.write(f"tidings topology: {bus.service} is not on RabbitMQ: no broker permissions\n")
+            return 2
+        granted.append(service_permissions(topology, bus.queue))
+    if as_json:
+        out.write(json.dumps([dataclasses.asdict(p) for p in granted], indent=2) + "\n")
+        return 0
+    for bus, permissions in zip(buses, granted, strict=True):
+        out.write(f"# {bus.service}: configure, write and read its own queues, the namespace's exchanges "
+                  "and the delay cascade\n")  # fmt: skip
+        out.write(permissions.command() + "\n")
     return 0
 
 

@@ -31,6 +31,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from tidings.dashboard.depth import queue_depths
 from tidings.dashboard.diagram import build_diagram
 from tidings.dashboard.failed import FailedMessages
 from tidings.dashboard.live import Live
@@ -100,11 +101,14 @@ def make_app(parts: Parts) -> Starlette:
     async def service_views() -> list[Any]:
         names = await store.services()
         now = time.time()
+        counts, durations = await store.window(now - WINDOW)
         return overview(
             names,
             await store.instances(),
-            await store.window(now - WINDOW),
+            counts,
+            durations,
             await failed.counts(names),
+            await queue_depths(failed.transport, names),
             now=now,
         )
 

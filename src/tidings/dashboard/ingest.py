@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 from tidings.audit import HEARTBEAT_TYPE, RECORDS_TYPE, decode_heartbeat, decode_records
 from tidings.audit.records import DEAD_LETTERED
@@ -19,11 +18,12 @@ from tidings.backoff import capped_exponential
 from tidings.dashboard.live import Live
 from tidings.dashboard.store import Store
 from tidings.faults import fault_headers
+from tidings.logs import logger
 from tidings.transports.base import Delivery, Transport
 
 __all__ = ["Ingest"]
 
-log = logging.getLogger("tidings.dashboard")
+log = logger("tidings.dashboard")
 
 #: Batches taken from the queue at once (each up to `AuditSettings.batch_size` records).
 PREFETCH = 32

@@ -1,13 +1,16 @@
 """The services page's figures: each service's instances, rates, timings, retries and failures.
 
-Rates and timings come from the audit records of the last minutes (`WINDOW`), the instances and
-the outbox backlog from the heartbeats, the error queues from the transport (`failed.py`). An
+Rates and counts come from the audit records of the last minutes (`WINDOW`), the percentiles
+from the newest of them (`Store.window`), the instances and
+the outbox backlog from the heartbeats, the error queues and queue depths from the transport
+(`failed.py`, `depth.py`). An
 instance is alive while its heartbeats keep coming: silent after `SILENT_AFTER` missed beats,
 stopped once its last beat said so.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +43,8 @@ class ServiceView:
     p99_ms: float | None = None
     retries: int = 0
     dead_lettered: int = 0
-    #: Dead letters in its error queue now (None: could not be read).
+    #: Messages in its queue now, and dead letters in its error queue (None: unknown).
+    queue_depth: int | None = None
     error_queue: int | None = None
     outbox_backlog: int | None = None
 
@@ -57,7 +61,7 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float | None:
     """The nearest-rank percentile of values sorted ascending (None for none)."""
     if not sorted_values:
         return None
-    rank = max(1, round(fraction * len(sorted_values) + 0.5))
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
@@ -75,8 +79,10 @@ def _state(beat: Heartbeat, now: float) -> InstanceView:
 def overview(
     services: Sequence[str],
     beats: Sequence[Heartbeat],
-    window: Sequence[tuple[str, str, float]],
+    counts: Sequence[tuple[str, str, int]],
+    durations: Sequence[tuple[str, float]],
     error_queues: Mapping[str, int | None],
+    depths: Mapping[str, int | None] | None = None,
     *,
     now: float | None = None,
     span: float = WINDOW,
@@ -90,19 +96,21 @@ def overview(
         view.instances.append(instance)
         if instance.state == "alive" and beat.outbox_backlog is not None:
             view.outbox_backlog = (view.outbox_backlog or 0) + beat.outbox_backlog
-    durations: dict[str, list[float]] = {}
-    for service, outcome, duration in window:
+    for service, outcome, count in counts:
         view = views.setdefault(service, ServiceView(service))
-        view.processed += 1
+        view.processed += count
         if outcome == RETRIED:
-            view.retries += 1
+            view.retries += count
         elif outcome == DEAD_LETTERED:
-            view.dead_lettered += 1
-        durations.setdefault(service, []).append(duration)
+            view.dead_lettered += count
+    by_service: dict[str, list[float]] = {}
+    for service, duration in durations:
+        by_service.setdefault(service, []).append(duration)
     for name, view in views.items():
-        values = sorted(durations.get(name, ()))
+        values = sorted(by_service.get(name, ()))
         view.per_second = view.processed / span
         view.p50_ms = percentile(values, 0.50)
         view.p99_ms = percentile(values, 0.99)
         view.error_queue = error_queues.get(name)
+        view.queue_depth = (depths or {}).get(name)
     return [views[name] for name in sorted(views)]

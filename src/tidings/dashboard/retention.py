@@ -7,14 +7,14 @@ a time) ingestion gets the lock between two batches instead of waiting behind on
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 from tidings.dashboard.store import Store
+from tidings.logs import logger
 
 __all__ = ["Retention"]
 
-log = logging.getLogger("tidings.dashboard")
+log = logger("tidings.dashboard")
 
 
 class Retention:

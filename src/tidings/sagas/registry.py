@@ -9,13 +9,13 @@ runs its cleanup of completed sagas next to the inbox's.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tidings.errors import ConfigurationError, Unavailable
+from tidings.logs import logger
 from tidings.messages import Message
 from tidings.sagas.declarations import Saga, definition_of
 from tidings.sagas.runner import Listener, SagaRunner
@@ -26,7 +26,7 @@ from tidings.storage import utc_now
 
 __all__ = ["Sagas"]
 
-log = logging.getLogger("tidings.sagas")
+log = logger("tidings.sagas")
 
 
 class Sagas:

@@ -20,7 +20,6 @@ retry policy applies, as for any handler.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tidings.context import Context
 from tidings.errors import ConfigurationError, Reject, Retry
+from tidings.logs import logger
 from tidings.messages import Command, Message, wire_name_of
 from tidings.sagas.context import SagaContext
 from tidings.sagas.declarations import Saga, SagaDefinition, Step, new_state
@@ -39,7 +39,7 @@ from tidings.sagas.store import SagaRow, SagaStore
 
 __all__ = ["Listener", "SagaRunner"]
 
-log = logging.getLogger("tidings.sagas")
+log = logger("tidings.sagas")
 
 
 Listener = Callable[[Transition], None]
@@ -68,6 +68,11 @@ class SagaRunner:
         # Read at each step (the registry's list): a listener added later is told from then on.
         self.listeners = listeners
         self._has_states = bool(self.definition.states)
+        # SQLite has one writer at a time, and the inbox's insert made the step's transaction the
+        # writer before the saga is read: no other step can save in between, so no conflict can
+        # arise and a savepoint (two more statements a step) would buy nothing. Should one arise
+        # all the same, the whole transaction goes back, and the message with it (`Retry`).
+        self._one_writer = store.engine.dialect.name == "sqlite"
         self._timeouts = frozenset(
             step.message_type for step in self.definition.steps.values() if step.kind == "timeout"
         )
@@ -90,14 +95,10 @@ class SagaRunner:
         key = step.find(message, ctx.envelope)
         if key is None or key == "":
             raise Reject(f"{wire_name_of(type(message))} carries no key for saga {self.definition.name}")
-        if session.bind.dialect.name == "sqlite":
-            # SQLite has one writer at a time, and the inbox's insert made this transaction the
-            # writer before the saga was read: no other step can save in between, so no conflict
-            # can arise and the savepoint (two more statements a step) would buy nothing. Should one
-            # arise all the same, the whole transaction goes back and the message with it.
+        if self._one_writer:
             try:
                 await self._try(step, message, ctx, session, key)
-            except (_Conflict, IntegrityError):
+            except _Conflict:
                 self.stats.conflicts += 1
                 self.stats.conflicts_deferred += 1
                 raise Retry(0.0, f"saga {self.definition.name} {key!r}: conflict") from None
@@ -107,7 +108,7 @@ class SagaRunner:
                 async with session.begin_nested():
                     await self._try(step, message, ctx, session, key)
                 return
-            except (_Conflict, IntegrityError):
+            except _Conflict:
                 self.stats.conflicts += 1
                 log.debug(
                     "saga %s %r: conflict on %s, running the step again",
@@ -149,9 +150,14 @@ class SagaRunner:
             )
         state = saga.state.model_dump_json()
         if row is None:
-            await self.store.insert(
-                session, name, key, status=saga.status, state=state, completed=saga.completed
-            )
+            try:
+                await self.store.insert(
+                    session, name, key, status=saga.status, state=state, completed=saga.completed
+                )
+            except IntegrityError:
+                # Only the saga's own insert: another start won the race for this key. (The
+                # service's own statements in the step raise as they would in any handler.)
+                raise _Conflict() from None
             version = 1
         else:
             saved = await self.store.update(

@@ -14,8 +14,8 @@ class SagaStats:
 
     #: Instances created by a starting message.
     started: int = 0
-    #: Steps whose state change committed with their transaction... as far as this process knows:
-    #: counted when the step saved its state (a later rollback of the transaction is not subtracted).
+    #: Steps that saved their instance's state (counted at the save: a rollback of the transaction
+    #: after it, the commit failing, is not subtracted).
     steps: int = 0
     completed: int = 0
     #: Steps that found their saga's row changed by another instance meanwhile and ran again at once.

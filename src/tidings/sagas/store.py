@@ -32,7 +32,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    and_,
+    bindparam,
     insert,
     inspect,
     select,
@@ -67,6 +67,27 @@ sagas_table = Table(
 
 _columns = sagas_table.c
 
+# Built once (a step runs three statements; building them per step costs more than running them
+# on SQLite). The `s_` parameters select the row; the others are the values written.
+_THIS = (
+    _columns.service == bindparam("s_service"),
+    _columns.saga == bindparam("s_saga"),
+    _columns.key == bindparam("s_key"),
+)
+_LOAD = select(_columns.status, _columns.state, _columns.version, _columns.completed_at).where(*_THIS)
+_INSERT = insert(sagas_table)
+_UPDATE = (
+    update(sagas_table)
+    .where(*_THIS, _columns.version == bindparam("s_version"))
+    .values(
+        status=bindparam("status"),
+        state=bindparam("state"),
+        version=bindparam("version"),
+        updated_at=bindparam("updated_at"),
+        completed_at=bindparam("completed_at"),
+    )
+)
+
 
 @dataclass(frozen=True, slots=True)
 class SagaRow:
@@ -89,14 +110,9 @@ class SagaStore:
         self.service = service
         self.engine = engine
 
-    def _where(self, saga: str, key: str) -> tuple[object, ...]:
-        return (_columns.service == self.service, _columns.saga == saga, _columns.key == key)
-
     async def load(self, session: AsyncSession, saga: str, key: str) -> SagaRow | None:
-        query = select(_columns.status, _columns.state, _columns.version, _columns.completed_at).where(
-            *self._where(saga, key)  # type: ignore[arg-type]
-        )
-        row = (await session.execute(query)).first()
+        found = await session.execute(_LOAD, {"s_service": self.service, "s_saga": saga, "s_key": key})
+        row = found.first()
         if row is None:
             return None
         return SagaRow(row.status, row.state, row.version, as_utc(row.completed_at))
@@ -107,19 +123,18 @@ class SagaStore:
         """Insert a new instance at version 1. A row already there (another start won the race)
         raises SQLAlchemy's `IntegrityError`, which the runner takes as a conflict."""
         now = utc_now()
-        await session.execute(
-            insert(sagas_table).values(
-                service=self.service,
-                saga=saga,
-                key=key,
-                status=status,
-                state=state,
-                version=1,
-                created_at=now,
-                updated_at=now,
-                completed_at=now if completed else None,
-            )
-        )
+        values = {
+            "service": self.service,
+            "saga": saga,
+            "key": key,
+            "status": status,
+            "state": state,
+            "version": 1,
+            "created_at": now,
+            "updated_at": now,
+            "completed_at": now if completed else None,
+        }
+        await session.execute(_INSERT, values)
 
     async def update(
         self,
@@ -134,18 +149,18 @@ class SagaStore:
     ) -> bool:
         """Write the instance back if it is still at `version`; False if another step saved first."""
         now = utc_now()
-        statement = (
-            update(sagas_table)
-            .where(and_(*self._where(saga, key), _columns.version == version))  # type: ignore[arg-type]
-            .values(
-                status=status,
-                state=state,
-                version=version + 1,
-                updated_at=now,
-                completed_at=now if completed else None,
-            )
-        )
-        result = await session.execute(statement)
+        values = {
+            "s_service": self.service,
+            "s_saga": saga,
+            "s_key": key,
+            "s_version": version,
+            "status": status,
+            "state": state,
+            "version": version + 1,
+            "updated_at": now,
+            "completed_at": now if completed else None,
+        }
+        result = await session.execute(_UPDATE, values)
         return int(result.rowcount) == 1  # type: ignore[attr-defined]
 
     async def create_table(self) -> None:

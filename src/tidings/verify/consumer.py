@@ -1,7 +1,7 @@
 """A consumer process of a verification run: applies each `Apply` once, with the inbox.
 
     python -m tidings.verify.consumer RUN --transport URL --database URL [--concurrency N]
-        [--negative-control no-inbox|ack-before-effect]
+        [--handler-delay SECONDS] [--negative-control no-inbox|ack-before-effect]
 
 The handler writes the message's effect in the inbox's transaction (`ctx.session`); a middleware
 outside the inbox records every delivery that reaches the handler chain, duplicates included.
@@ -85,6 +85,8 @@ def build(args: argparse.Namespace) -> tuple[Bus, AsyncEngine]:
 
     @bus.handle(Apply)
     async def apply(command: Apply, ctx: Context) -> None:
+        if args.handler_delay:
+            await asyncio.sleep(args.handler_delay)
         if control == NO_INBOX:
             with translate_errors():
                 async with engine.begin() as connection:
@@ -118,6 +120,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--transport", required=True)
     parser.add_argument("--database", required=True)
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--handler-delay", type=float, default=0.0)
     parser.add_argument("--negative-control", choices=(NO_INBOX, ACK_BEFORE_EFFECT), default=None)
     return parser
 

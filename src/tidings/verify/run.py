@@ -72,6 +72,8 @@ class RunSettings:
     in_flight: int = 20
     #: Handlers at once, per consumer.
     concurrency: int = 10
+    #: Seconds each handler call takes (a slow handler, so that a backlog builds up); 0: none.
+    handler_delay: float = 0.0
     #: Longest random pause before each outbox commit (out-of-order commits); 0: none.
     commit_delay: float = 0.0
     #: Whether the producers relay their outbox (False: the caller ships it some other way).
@@ -115,6 +117,7 @@ class Run:
         self.finished: set[int] = set()  # producers that exited 0
         #: Starts after the first, by kind: deaths the run recovered from.
         self.restarts = {"consumer": 0, "producer": 0}
+        #: SIGKILLs sent by `kill_consumer` and `kill_producer`.
         self.kills = 0
         self.crash_at: Callable[[], str | None] | None = None
         self._created_tables: list[str] = []
@@ -175,6 +178,8 @@ class Run:
 
     async def _start_consumer(self, index: int) -> None:
         args = ["--concurrency", str(self.settings.concurrency)]
+        if self.settings.handler_delay:
+            args += ["--handler-delay", str(self.settings.handler_delay)]
         if self.settings.consumer_control:
             args += ["--negative-control", self.settings.consumer_control]
         crash_at = self.crash_at() if self.crash_at is not None else None
@@ -223,17 +228,29 @@ class Run:
 
     def kill_consumer(self, index: int | None = None) -> bool:
         """SIGKILL a consumer (a random live one by default); it is started again. False: none live."""
-        live = [i for i, p in enumerate(self.consumers) if p is not None and p.returncode is None]
+        return self._kill(self.consumers, index)
+
+    def kill_producer(self, index: int | None = None) -> bool:
+        """SIGKILL a producer (a random live one by default); it is started again and goes on."""
+        return self._kill(self.producers, index)
+
+    def _kill(self, processes: list[Process | None], index: int | None) -> bool:
+        live = [i for i, p in enumerate(processes) if p is not None and p.returncode is None]
         if index is None:
             if not live:
                 return False
             index = random.choice(live)
-        process = self.consumers[index]
+        process = processes[index]
         if process is None or process.returncode is not None:
             return False
         process.send_signal(signal.SIGKILL)
         self.kills += 1
         return True
+
+    def pids(self, kind: str) -> list[int]:
+        """The live `producer` or `consumer` processes' ids."""
+        processes = self.producers if kind == "producer" else self.consumers
+        return [p.pid for p in processes if p is not None and p.returncode is None]
 
     async def stop(self) -> None:
         """SIGTERM every process (the consumers settle what they hold), SIGKILL what has not ended in 15 s."""

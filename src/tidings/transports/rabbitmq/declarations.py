@@ -26,8 +26,9 @@ from aio_pika.exceptions import (
     ChannelNotFoundEntity,
     ChannelPreconditionFailed,
 )
+from aiormq.exceptions import ChannelAccessRefused
 
-from tidings.errors import NoRoute, TransportError
+from tidings.errors import AccessRefused, NoRoute, TransportError
 from tidings.transports.base import error_queue_of
 from tidings.transports.rabbitmq.channels import scratch_channel, wait_until_open
 from tidings.transports.rabbitmq.topology import DELAY_LEVELS, DelayKind, Topology
@@ -109,6 +110,10 @@ class Declarations:
             raise TransportError(
                 f"{url}: RabbitMQ already has this with other settings (queue type, delivery "
                 f"limit, exchange type); delete it or use the settings it was made with: {error}"
+            ) from None
+        except ChannelAccessRefused as error:
+            raise AccessRefused(
+                f"{url}: RabbitMQ refused a declaration (a missing permission): {error}"
             ) from None
         except _ERRORS as error:
             raise TransportError(f"{url}: declaring topology failed: {error}") from None

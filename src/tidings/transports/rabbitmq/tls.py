@@ -9,6 +9,7 @@ checked the same way and a file that cannot be read is a `ConnectionFailed` sayi
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -89,8 +90,20 @@ def _flag(name: str, value: str) -> bool:
     raise ValueError(f"{name} must be true or false, not {value!r}")
 
 
-def describe_tls_error(error: BaseException) -> str | None:
-    """What went wrong in a TLS handshake, said for a person; None if `error` is not a TLS error."""
+def describe_tls_error(error: BaseException, tls: TLSSettings | None) -> str | None:
+    """What went wrong in a TLS handshake, said for a person; None if `error` is not a TLS error.
+
+    The AMQP client raises its own error `from` the `ssl` one: the chain of causes is searched.
+    `tls` is the connection's settings (None: not `amqps://`).
+    """
+    chain: list[BaseException] = []
+    seen: BaseException | None = error
+    while seen is not None and len(chain) < 5:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    error = next((e for e in chain if isinstance(e, ssl.SSLError)), error)
+    if tls is not None and not isinstance(error, ssl.SSLError) and _reset(chain):
+        return _refused_after_handshake(tls)
     if isinstance(error, ssl.SSLCertVerificationError):
         reason = error.verify_message or str(error)
         if "hostname" in reason.lower() or "IP address mismatch" in reason:
@@ -103,4 +116,37 @@ def describe_tls_error(error: BaseException) -> str | None:
         if "ALERT" in reason:
             return f"the broker refused the TLS handshake ({reason}; check certfile, keyfile and their CA)"
         return f"TLS failed ({reason})"
+    return None
+
+
+def _reset(chain: list[BaseException]) -> bool:
+    # aiormq names the reset only in its message ("Server connection reset: ConnectionResetError").
+    return any(isinstance(e, ConnectionResetError) or "ConnectionResetError" in str(e) for e in chain)
+
+
+def _refused_after_handshake(tls: TLSSettings) -> str:
+    # With TLS 1.3 the broker checks the client's certificate after the handshake, and its alert
+    # is usually lost in the reset that follows: the likely reasons, from what was offered.
+    closed = "the broker closed the connection right after the TLS handshake"
+    if tls.certfile is None:
+        return f"{closed}: it probably requires a client certificate (set certfile and keyfile)"
+    expired = _expired_on(tls.certfile)
+    if expired is not None:
+        return f"{closed}: the client certificate {tls.certfile} expired on {expired}"
+    return (f"{closed}: it probably refused the client certificate {tls.certfile} "
+            "(not signed by a CA it trusts?)")  # fmt: skip
+
+
+def _expired_on(certfile: str) -> str | None:
+    """When the certificate in `certfile` expired, if it has; None if valid or unreadable."""
+    # The one reader of a certificate's dates in the standard library (CPython's test helper).
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        not_after = decode(certfile)["notAfter"]
+        if ssl.cert_time_to_seconds(not_after) < time.time():
+            return str(not_after)
+    except (OSError, ValueError, KeyError, ssl.SSLError):
+        return None
     return None

@@ -40,9 +40,11 @@ from aio_pika.exceptions import (
     ProbableAuthenticationError,
     PublishError,
 )
+from aiormq.exceptions import ChannelAccessRefused
 
 from tidings.envelope import Envelope
 from tidings.errors import (
+    AccessRefused,
     ConnectionFailed,
     NoRoute,
     PublishNotConfirmed,
@@ -237,7 +239,9 @@ class RabbitMQTransport(Transport):
             return ConnectionFailed(
                 f"RabbitMQ at {url} refused the credentials (check user, password, vhost): {error}"
             )
-        tls_problem = describe_tls_error(error)
+        tls_problem = describe_tls_error(
+            error, (self.settings.tls or TLSSettings()) if self.settings.uses_tls else None
+        )
         if tls_problem is not None:
             return ConnectionFailed(f"TLS with RabbitMQ at {url} failed: {tls_problem}")
         if isinstance(error, InvalidFrameError) and "Connection.Close" in str(error):
@@ -472,7 +476,8 @@ class RabbitMQTransport(Transport):
             await consumer.start(channel, physical)
         except (AMQPError, ChannelInvalidStateError) as error:
             await consumer.stop()
-            raise TransportError(f"{self.url}: cannot consume from {physical}: {error}") from None
+            kind = AccessRefused if isinstance(error, ChannelAccessRefused) else TransportError
+            raise kind(f"{self.url}: cannot consume from {physical}: {error}") from None
         try:
             while True:
                 yield await consumer.next()
@@ -497,6 +502,8 @@ def _seconds_until(moment: datetime | None) -> float:
     return (moment - datetime.now(UTC)).total_seconds()
 
 
-async def _close_quietly(closable: aio_pika.Channel | AbstractRobustConnection) -> None:
+async def _close_quietly(
+    closable: aio_pika.Channel | AbstractRobustChannel | AbstractRobustConnection,
+) -> None:
     with contextlib.suppress(AMQPError, ChannelInvalidStateError, OSError, RuntimeError):
         await closable.close()

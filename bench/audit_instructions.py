@@ -1,0 +1,101 @@
+"""Instructions per message on the bus path with audit off and on (callgrind), memory and SQLite.
+
+Counted like `telemetry_instructions.py`: one bus publishes events to itself and handles them one
+at a time; each contender runs twice under `valgrind --tool=callgrind`, with a small and a large
+message count, and the difference divided by the difference in messages is one message's cost,
+start-up and imports left out. Audit on: the note on the handler path and, in the shipper's task,
+the records and their batches sent to the audit queue on the same transport (flushes by batch
+size only, heartbeats only at the start and the end, so the count does not depend on the clock).
+Instructions, unlike a throughput on a shared machine, do not move with the neighbours' load.
+
+    .venv/bin/python bench/audit_instructions.py                   # memory and SQLite, ~10 minutes
+    .venv/bin/python bench/audit_instructions.py --only memory-off --only memory-on
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CONTENDERS = ("memory-off", "memory-on", "sqlite-off", "sqlite-on")
+
+
+async def workload(contender: str, messages: int, directory: str) -> None:
+    from tidings import Bus, Context, Event
+    from tidings.audit import AuditSettings
+
+    class Tick(Event):
+        n: int
+
+    kind, _, audit = contender.partition("-")
+    url = "memory://bench" if kind == "memory" else f"sqlite:///{directory}/bus.db"
+    settings = AuditSettings(flush_interval=3600, heartbeat_interval=3600) if audit == "on" else False
+    bus = Bus("bench", url, telemetry=False, audit=settings, concurrency=1, prefetch=1)
+    handled = asyncio.Event()
+
+    @bus.subscribe(Tick)
+    async def on_tick(event: Tick, ctx: Context) -> None:
+        handled.set()
+
+    async with bus:
+        running = asyncio.create_task(bus.run())
+        for n in range(messages):
+            handled.clear()
+            await bus.publish(Tick(n=n))
+            await handled.wait()
+        bus.stop()
+        await running
+
+
+def instructions(contender: str, messages: int) -> int:
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "callgrind.out"
+        done = subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+             __file__, "--run", contender, "--messages", str(messages), "--directory", scratch],
+            check=False, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
+        )  # fmt: skip
+        if done.returncode != 0:
+            sys.exit(f"{contender} with {messages} messages failed:\n{done.stderr[-2000:]}")
+        total = 0  # one file per thread (the SQLite transport's connection thread)
+        for path in Path(scratch).glob("callgrind.out*"):
+            found = re.search(r"^summary: (\d+)", path.read_text(), re.MULTILINE)
+            assert found, f"no summary in {path.name} for {contender}"
+            total += int(found.group(1))
+        return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", type=int, default=500)
+    parser.add_argument("--large", type=int, default=1500)
+    parser.add_argument("--only", action="append", choices=CONTENDERS)
+    parser.add_argument("--run", choices=CONTENDERS, help=argparse.SUPPRESS)  # one measured process
+    parser.add_argument("--messages", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--directory", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run is not None:
+        asyncio.run(workload(args.run, args.messages, args.directory))
+        return
+    per_message: dict[str, float] = {}
+    for contender in args.only or CONTENDERS:
+        small = instructions(contender, args.small)
+        large = instructions(contender, args.large)
+        per_message[contender] = (large - small) / (args.large - args.small)
+        print(f"{contender:<10} {per_message[contender] / 1e3:8.1f} k instructions per message", flush=True)
+    for kind in ("memory", "sqlite"):
+        off, on = per_message.get(f"{kind}-off"), per_message.get(f"{kind}-on")
+        if off and on:
+            extra = (on - off) / 1e3
+            print(f"{kind}: audit on costs {extra:.1f} k instructions per message ({on / off:.3f}x): at")
+            print(f"  equal speed per instruction, {off / on:.2f}x the throughput without audit")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""`scripts/demo --dashboard`: the eshop with audit on, and `tidings dashboard` beside it.
+
+The dashboard starts first (as its own process, in a session of its own like the services), every
+process of the shop gets `TIDINGS_AUDIT=1`, and once the scenario is over the dashboard stays up,
+its address printed, until Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from examples.eshop.processes import ROOT, STOP_TIMEOUT
+
+
+class DashboardProcess:
+    """`tidings dashboard` over the shop's transport, with its store in the demo's folder."""
+
+    def __init__(self, process: asyncio.subprocess.Process, url: str) -> None:
+        self.process = process
+        self.url = url
+
+    @classmethod
+    async def start(cls, transport: str, workdir: Path, port: int) -> DashboardProcess:
+        os.environ["TIDINGS_AUDIT"] = "1"  # for every process the demo starts from now on
+        command = [sys.executable, "-m", "tidings", "dashboard", "--transport", transport]
+        command += ["--store", f"sqlite:///{workdir / 'dashboard.db'}", "--port", str(port)]
+        with (workdir / "dashboard.log").open("w") as errors:
+            process = await asyncio.create_subprocess_exec(
+                *command, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=errors, start_new_session=True
+            )
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        found = re.search(r"dashboard at (\S+)", line)
+        if found is None:
+            await process.wait()
+            log = (workdir / "dashboard.log").read_text().strip()
+            raise RuntimeError(f"the dashboard did not start (exit code {process.returncode}): {log}")
+        return cls(process, found.group(1))
+
+    async def stay(self, out: TextIO) -> None:
+        """Say where the dashboard is, and wait for Ctrl-C or SIGTERM."""
+        print(f"\nThe dashboard is at {self.url} (Ctrl-C to stop it)", file=out, flush=True)
+        await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()

@@ -1,0 +1,65 @@
+"""RabbitMQ's `consumer_timeout` shorter than a slow handler: the effect still happens once.
+
+On a private node with `consumer_timeout = 5000` (ms), every handler call takes 8 s: the broker
+closes the consumer's channel with the delivery unacknowledged and hands the message out again.
+The consumer must notice (its channel is gone), subscribe again, and the inbox must make the
+redelivered copy a duplicate. The negative control consumes without the inbox: each timed-out
+delivery's effect happens again.
+
+Not covered here (issue 17 asks for it): a warning from tidings when its own handler timeout
+exceeds the broker's `consumer_timeout`; tidings has no handler timeout yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.conftest import POSTGRES, full_only
+from tests.chaos.ledger import finish, ledger_run
+from tests.chaos.private_node import PrivateNode
+from tests.conftest import POSTGRES_HOST, require_server, unique
+from tidings.verify import Report
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(900), full_only]
+
+CONSUMER_TIMEOUT_MS = 5000
+HANDLER_SECONDS = 8.0
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[PrivateNode]:
+    # The channel checks its consumers' timeouts at each tick: every minute by default.
+    with PrivateNode.started(
+        f"consumer_timeout = {CONSUMER_TIMEOUT_MS}\n", "{channel_tick_interval, 1000}"
+    ) as node:
+        yield node
+
+
+async def slow_stream(tmp_path: Path, node: PrivateNode, **settings: object) -> Report:
+    require_server("PostgreSQL", POSTGRES_HOST)
+    async with ledger_run(
+        tmp_path, transport=node.url(namespace=unique("timeout")), database=POSTGRES, messages=20,
+        producers=1, consumers=1, concurrency=5, handler_delay=HANDLER_SECONDS, **settings,
+    ) as run:  # fmt: skip
+        return await finish(run, patience=120, what="consumer_timeout")
+
+
+async def test_a_handler_slower_than_the_consumer_timeout_applies_its_effect_once(
+    tmp_path: Path, node: PrivateNode
+) -> None:
+    report = await slow_stream(tmp_path, node)
+    assert report.duplicate_deliveries > 0  # the broker did take the deliveries back
+    assert report.lost == 0
+    assert report.duplicate_effects == 0
+    assert report.dead_lettered == 0
+    assert report.handled == report.confirmed == report.sent
+
+
+async def test_negative_control_without_the_inbox_a_timed_out_delivery_is_applied_twice(
+    tmp_path: Path, node: PrivateNode
+) -> None:
+    report = await slow_stream(tmp_path, node, consumer_control="no-inbox")
+    assert report.duplicate_effects > 0
