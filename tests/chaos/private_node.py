@@ -145,8 +145,13 @@ class PrivateNode:
         except RuntimeError:
             with contextlib.suppress(OSError, ValueError):
                 self.kill()
-        with contextlib.suppress(RuntimeError, OSError):
-            self._run([_system("epmd"), "-port", str(self.epmd_port), "-kill"], 10)
+        # Its own epmd too; it refuses while it has not yet seen the node go, so a few tries.
+        for _ in range(10):
+            with contextlib.suppress(RuntimeError, OSError):
+                self._run([_system("epmd"), "-port", str(self.epmd_port), "-kill"], 10)
+            if not answers(("127.0.0.1", self.epmd_port)):
+                break
+            time.sleep(1)
 
     @classmethod
     @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from sqlalchemy import insert
@@ -17,6 +18,9 @@ async def test_each_figure_of_the_report(tmp_path: Path) -> None:
     ledger = Ledger(engine, "t1")
     await create_tables(engine)
     await ledger.create()
+    before = time.time()
+    await ledger.fault("before the records", before - 2, before - 1)
+    await ledger.fault("after them", before + 100, before + 101)
     try:
         async with engine.begin() as connection:
             for seq, (mode, confirmed) in enumerate(
@@ -43,6 +47,11 @@ async def test_each_figure_of_the_report(tmp_path: Path) -> None:
         assert report.orphans == 1
         assert report.unsent == 1  # m3's outbox row is not marked sent
         assert not report.ok
+        # A plain confirm and a delivery came after the first fault; nothing after the second.
+        first, second = report.recoveries
+        assert first.seconds is not None
+        assert 1 <= first.seconds < time.time() - before + 1
+        assert second.seconds is None
         assert report.verify_line() == (
             "verify: sent 6, handled 3, lost 1, duplicate deliveries 2, duplicate effects 1, dead-lettered 1"
         )

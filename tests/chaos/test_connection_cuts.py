@@ -72,7 +72,7 @@ async def stream_through_cuts(tmp_path: Path, messages: int, **settings: object)
 
 
 async def test_connections_cut_mid_publish_and_mid_confirm_lose_nothing(tmp_path: Path) -> None:
-    report, cuts = await stream_through_cuts(tmp_path, size(200, 6000))
+    report, cuts = await stream_through_cuts(tmp_path, size(200, 3000))
     assert cuts >= 2
     assert report.lost == 0
     assert report.duplicate_effects == 0

@@ -57,7 +57,7 @@ async def stream(
     print(f"\nseed {seed}")
     async with ledger_run(
         tmp_path, transport=system.transport, database=system.database, messages=messages,
-        rate=size(100, 200), consumers=2, crash_at=lambda: crash_points(rng, points, 1 / 3 if kills else 0),
+        rate=100, consumers=2, crash_at=lambda: crash_points(rng, points, 1 / 3 if kills else 0),
         **settings,
     ) as run:  # fmt: skip
         if kills:
@@ -70,7 +70,7 @@ async def stream(
 async def test_consumers_killed_before_and_after_their_commit_apply_each_effect_once(
     tmp_path: Path, system: System
 ) -> None:
-    report, run = await stream(tmp_path, system, size(200, 10_000))
+    report, run = await stream(tmp_path, system, size(200, 6000))
     assert run.kills + run.restarts["consumer"] > 2  # the faults did happen
     assert report.lost == 0
     assert report.duplicate_effects == 0

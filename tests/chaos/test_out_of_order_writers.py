@@ -35,8 +35,8 @@ def writers(tmp_path: Path, **settings: object) -> contextlib.AbstractAsyncConte
     require_server("PostgreSQL", ("127.0.0.1", 5432))
     return ledger_run(
         tmp_path, transport=rabbitmq_system_url("writers"), database=POSTGRES,
-        messages=size(200, 8000), producers=WRITERS, mode="outbox", commit_delay=0.05,
-        rate=size(200, 150), **settings,
+        messages=size(200, 6000), producers=WRITERS, mode="outbox", commit_delay=0.05,
+        rate=size(200, 100), **settings,
     )  # fmt: skip
 
 

@@ -67,10 +67,10 @@ def run_id(err: str) -> str:
 
 
 async def test_tidings_verify_ends_with_its_line_and_exit_0_and_removes_what_it_made() -> None:
-    messages = size(150, 10_000)
+    messages = size(150, 6000)
     code, out, err = await tidings_verify(
         "--transport", broker_url(), "--database", POSTGRES, "--messages", str(messages),
-        "--kill-consumers-every", "1", "--rate", str(size(100, 200)),
+        "--kill-consumers-every", "1", "--rate", "100",
     )  # fmt: skip
     *_, last = out.splitlines()
     found = END_LINE.match(last)

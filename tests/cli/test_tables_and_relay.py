@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import signal
 from pathlib import Path
 
@@ -10,8 +11,11 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from tests.cli.shop import COMMAND, PriceChanged, environment, tidings, write_shop
+from tests.conftest import unique
 from tests.helpers import eventually, running
+from tests.sagas.sagas import Counting
 from tidings import Bus, Context, NoRoute
+from tidings.cli.tables import create_tables
 from tidings.transports import transport_from_url
 
 
@@ -80,3 +84,15 @@ async def test_relay_ships_the_outbox_of_a_service_that_does_not_run(shop: Path)
     async with transport_from_url(bus_url) as transport:
         with pytest.raises(NoRoute):
             await transport.dead_letters("web")
+
+
+async def test_tables_create_names_the_saga_table_of_a_bus_with_sagas(tmp_path: Path) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
+    bus = Bus("counter", f"memory://{unique()}", database=engine)
+    bus.saga(Counting)
+    out = io.StringIO()
+    assert await create_tables(bus, out) == 0
+    assert out.getvalue().startswith("created tidings_inbox, tidings_outbox, tidings_sagas in sqlite")
+    again = io.StringIO()
+    await create_tables(bus, again)
+    assert again.getvalue().startswith("tidings_inbox, tidings_outbox, tidings_sagas already exist")

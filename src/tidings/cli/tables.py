@@ -46,11 +46,17 @@ async def create_tables(bus: Bus, out: TextIO) -> int:
     from tidings.storage import metadata
     from tidings.storage.database import translate_errors
 
+    names = [table.name for table in metadata.sorted_tables]
+    if bus.sagas is not None:  # the sagas' table, in a metadata of its own (docs/sagas.md)
+        from tidings.sagas.store import metadata as saga_metadata
+
+        names += [table.name for table in saga_metadata.sorted_tables]
+
     def absent(connection: Any) -> list[str]:
         from sqlalchemy import inspect
 
         tables = inspect(connection)
-        return [table.name for table in metadata.sorted_tables if not tables.has_table(table.name)]
+        return [name for name in names if not tables.has_table(name)]
 
     where = engine.url.render_as_string(hide_password=True)
     try:
@@ -63,5 +69,5 @@ async def create_tables(bus: Bus, out: TextIO) -> int:
     if missing:
         out.write(f"created {', '.join(missing)} in {where}\n")
     else:
-        out.write(f"{', '.join(t.name for t in metadata.sorted_tables)} already exist in {where}\n")
+        out.write(f"{', '.join(names)} already exist in {where}\n")
     return 0

@@ -16,20 +16,22 @@
   any is a message the bus gave up on).
 - *orphans*: business rows without their outbox row (the outbox makes this 0).
 
-Each fault recorded in the ledger gets its time to recover: from the fault's end to the first
-effect of a message sent after it, so both sides (publishing and consuming) work again.
+Each fault recorded in the ledger gets its time to recover: from the fault's end until both sides
+work again, the later of the first broker confirm after it (a plain send's, or the relay's) and
+the first delivery to a consumer after it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from sqlalchemy import and_, exists, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tidings.storage import outbox_table
-from tidings.verify.ledger import Ledger
+from tidings.storage import as_utc, outbox_table
+from tidings.verify.ledger import PLAIN, Ledger
 
 __all__ = ["Recovery", "Report", "check"]
 
@@ -41,13 +43,13 @@ class Recovery:
     fault: str
     started_at: float
     ended_at: float
-    #: Seconds from the end of the fault to the first effect of a message sent after it; None: never.
+    #: Seconds from the end of the fault until a confirm and a delivery came again; None: not both.
     seconds: float | None
 
     def describe(self) -> str:
         lasted = f"{self.fault} ({self.ended_at - self.started_at:.1f} s)"
         if self.seconds is None:
-            return f"{lasted}: no message sent after it was handled"
+            return f"{lasted}: no confirm and delivery after it"
         return f"{lasted}: recovered after {self.seconds:.2f} s"
 
 
@@ -119,6 +121,30 @@ async def _scalar(connection: AsyncConnection, query: object) -> int:
     return int((await connection.execute(query)).scalar_one() or 0)  # type: ignore[call-overload]
 
 
+async def _back_after(
+    connection: AsyncConnection, ledger: Ledger, service: str, ended: float
+) -> float | None:
+    """When both sides worked again after a fault that ended at `ended`: the later of the first
+    broker confirm after it (a plain send's, or the relay's for an outbox row) and the first
+    delivery after it. None when one of them never came."""
+    t = ledger.tables
+    sent, outbox = t.sent.c, outbox_table.c
+    plain = select(func.min(sent.confirmed_at)).where(sent.mode == PLAIN, sent.confirmed_at > ended)
+    first_plain = (await connection.execute(plain)).scalar_one()
+    after = datetime.fromtimestamp(ended, UTC)
+    relayed = select(func.min(outbox.sent_at)).where(outbox.service == service, outbox.sent_at > after)
+    first_relayed = as_utc((await connection.execute(relayed)).scalar_one())
+    confirms = [float(first_plain)] if first_plain is not None else []
+    if first_relayed is not None:
+        confirms.append(first_relayed.timestamp())
+    delivery = (
+        await connection.execute(select(func.min(t.deliveries.c.at)).where(t.deliveries.c.at > ended))
+    ).scalar_one()
+    if not confirms or delivery is None:
+        return None
+    return max(min(confirms), float(delivery))
+
+
 async def _check(connection: AsyncConnection, ledger: Ledger, service: str, dead: set[str]) -> Report:
     t = ledger.tables
     sent, effects, deliveries = t.sent.c, t.effects.c, t.deliveries.c
@@ -155,11 +181,8 @@ async def _check(connection: AsyncConnection, ledger: Ledger, service: str, dead
         select(faults.name, faults.started_at, faults.ended_at).order_by(faults.id)
     ):
         name, started, ended = str(row[0]), float(row[1]), float(row[2])
-        after = select(func.min(effects.at)).where(
-            effects.message_id == sent.message_id, sent.created_at > ended, effects.at > ended
-        )
-        back = (await connection.execute(after)).scalar_one()
-        recoveries.append(Recovery(name, started, ended, None if back is None else float(back) - ended))
+        back = await _back_after(connection, ledger, service, ended)
+        recoveries.append(Recovery(name, started, ended, None if back is None else back - ended))
     return Report(
         sent=total_sent,
         confirmed=confirmed,
