@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import sys
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -92,6 +94,9 @@ async def test_negative_control_tidings_verify_fails_with_exit_1_when_effects_ar
     assert int(found.group(3)) > 0  # lost
     assert code == 1
     assert await left_behind(run_id(err)) == []
+    kept = re.search(r"verify: the processes' logs are in (\S+)", err)
+    assert kept  # kept for the user to look at; this test has seen them
+    shutil.rmtree(Path(kept.group(1)).parent)
 
 
 async def test_tidings_verify_names_a_database_it_cannot_use_with_exit_2() -> None:

@@ -17,8 +17,8 @@
 - *orphans*: business rows without their outbox row (the outbox makes this 0).
 
 Each fault recorded in the ledger gets its time to recover: from the fault's end until both sides
-work again, the later of the first broker confirm after it (a plain send's, or the relay's) and
-the first delivery to a consumer after it.
+work again, the later of the first broker confirm of a message made after it (a plain send's, or
+the relay's) and the first delivery to a consumer after it.
 """
 
 from __future__ import annotations
@@ -125,14 +125,23 @@ async def _back_after(
     connection: AsyncConnection, ledger: Ledger, service: str, ended: float
 ) -> float | None:
     """When both sides worked again after a fault that ended at `ended`: the later of the first
-    broker confirm after it (a plain send's, or the relay's for an outbox row) and the first
-    delivery after it. None when one of them never came."""
+    broker confirm of a message made after it (a plain send's, or the relay's for an outbox row)
+    and the first delivery after it. None when one of them never came."""
     t = ledger.tables
     sent, outbox = t.sent.c, outbox_table.c
-    plain = select(func.min(sent.confirmed_at)).where(sent.mode == PLAIN, sent.confirmed_at > ended)
+    # Publishing: a message made after the fault confirmed (a confirm of one sent before it may
+    # only have been waiting to be read, or marked, when the fault ended).
+    plain = select(func.min(sent.confirmed_at)).where(
+        sent.mode == PLAIN, sent.created_at > ended, sent.confirmed_at > ended
+    )
     first_plain = (await connection.execute(plain)).scalar_one()
     after = datetime.fromtimestamp(ended, UTC)
-    relayed = select(func.min(outbox.sent_at)).where(outbox.service == service, outbox.sent_at > after)
+    relayed = select(func.min(outbox.sent_at)).where(
+        outbox.service == service,
+        outbox.message_id == sent.message_id,
+        sent.created_at > ended,
+        outbox.sent_at > after,
+    )
     first_relayed = as_utc((await connection.execute(relayed)).scalar_one())
     confirms = [float(first_plain)] if first_plain is not None else []
     if first_relayed is not None:
