@@ -6,12 +6,14 @@ The consumer must notice (its channel is gone), subscribe again, and the inbox m
 redelivered copy a duplicate. The negative control consumes without the inbox: each timed-out
 delivery's effect happens again.
 
-Not covered here (issue 17 asks for it): a warning from tidings when its own handler timeout
-exceeds the broker's `consumer_timeout`; tidings has no handler timeout yet.
+tidings has no handler timeout of its own to compare with the broker's; instead the consumer warns
+when the broker's `consumer_timeout` took deliveries back (the last test).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from tests.chaos.conftest import POSTGRES, full_only
 from tests.chaos.ledger import finish, ledger_run
 from tests.chaos.private_node import PrivateNode
 from tests.conftest import POSTGRES_HOST, require_server, unique
+from tests.helpers import eventually, running
+from tidings import Bus, Command, Context
 from tidings.verify import Report
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(900), full_only]
@@ -63,3 +67,29 @@ async def test_negative_control_without_the_inbox_a_timed_out_delivery_is_applie
 ) -> None:
     report = await slow_stream(tmp_path, node, consumer_control="no-inbox")
     assert report.duplicate_effects > 0
+
+
+class Slow(Command, name="consumer-timeout.slow"):
+    n: int
+
+
+async def test_tidings_warns_when_a_handler_outlasts_the_brokers_consumer_timeout(
+    node: PrivateNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    bus = Bus("slowpoke", node.url(namespace=unique("warn")))
+    calls: list[int] = []
+
+    @bus.handle(Slow)
+    async def slow(command: Slow, ctx: Context) -> None:
+        calls.append(command.n)
+        if len(calls) == 1:
+            await asyncio.sleep(HANDLER_SECONDS)  # past the broker's 5 s
+
+    async with running(bus):
+        await bus.send(Slow(n=1), to="slowpoke")
+        await eventually(lambda: len(calls) == 2, timeout=60)  # taken back, delivered again
+    (warning,) = [r for r in caplog.records if "consumer_timeout" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert warning.name == "tidings.transports.rabbitmq"
+    assert "a handler ran longer than the broker's consumer_timeout (5 s)" in warning.getMessage()

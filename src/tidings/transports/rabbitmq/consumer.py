@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -52,6 +53,9 @@ BAD_HEADER = "bad-header"
 GIVE_BACK_PAUSE = 1.0
 #: The latest due time `x-tidings-due` may name (9999-12-31, in ms since the epoch).
 _MAX_DUE_MS = 253_402_300_799_999
+
+# How RabbitMQ closes a channel whose delivery stayed unacknowledged past its consumer_timeout.
+_CONSUMER_TIMEOUT = re.compile(r"delivery acknowledgement on channel \d+ timed out(?:.*?(\d+) ms)?", re.S)
 
 
 class BadHeader(ValueError):
@@ -215,6 +219,7 @@ class Consumer:
             await self._on_message(message, acks)
 
         underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
+        underlay.closing.add_done_callback(self._on_channel_closed)
         self._underlay, self._acks = underlay, acks
         consumed = await underlay.basic_consume(self._physical_queue, on_message)
         self._consumer_tag = consumed.consumer_tag
@@ -228,6 +233,26 @@ class Consumer:
             self._buffer.put_nowait(TransportError(
                 f"{self.url}: cannot consume from {self._physical_queue} again: {error}"
             ))  # fmt: skip
+
+    def _on_channel_closed(self, closing: asyncio.Future[Any]) -> None:
+        """Say so when the broker's consumer_timeout took deliveries back from a slow handler."""
+        error = None if closing.cancelled() else closing.exception()
+        found = _CONSUMER_TIMEOUT.search(str(error)) if error is not None else None
+        if found is None:
+            return
+        limit = f"{int(found.group(1)) / 1000:g} s" if found.group(1) else "its limit"
+        # aio-pika reopens the channel and the consumer subscribes again (_on_reopen); the messages
+        # come again, and the inbox makes a repeat of a finished handler a duplicate. But every
+        # such handler is run twice, and a handler that always takes longer never gets through.
+        log.warning(
+            "%s: RabbitMQ took back the deliveries of %s: a handler ran longer than the broker's "
+            "consumer_timeout (%s); they come again. Raise consumer_timeout above the longest "
+            "handler (docs/rabbitmq.md)",
+            self.url,
+            self._physical_queue,
+            limit,
+            extra={"consumer_timeout": limit},
+        )
 
     def _on_cancel(self, frame: Basic.Cancel) -> None:
         # The broker ended the consumer (its queue was deleted): tell the receiver.
