@@ -16,12 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
+
+from callgrind import instructions_of
 
 CONTENDERS = ("memory-off", "memory-on", "sqlite-off", "sqlite-on")
 
@@ -54,21 +50,10 @@ async def workload(contender: str, messages: int, directory: str) -> None:
 
 
 def instructions(contender: str, messages: int) -> int:
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "callgrind.out"
-        done = subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-             __file__, "--run", contender, "--messages", str(messages), "--directory", scratch],
-            check=False, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
-        )  # fmt: skip
-        if done.returncode != 0:
-            sys.exit(f"{contender} with {messages} messages failed:\n{done.stderr[-2000:]}")
-        total = 0  # one file per thread (the SQLite transport's connection thread)
-        for path in Path(scratch).glob("callgrind.out*"):
-            found = re.search(r"^summary: (\d+)", path.read_text(), re.MULTILINE)
-            assert found, f"no summary in {path.name} for {contender}"
-            total += int(found.group(1))
-        return total
+    return instructions_of(
+        [__file__, "--run", contender, "--messages", str(messages), "--directory", "{scratch}"],
+        what=f"{contender} with {messages} messages",
+    )
 
 
 def main() -> None:

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
+
+from callgrind import instructions_of
 
 BENCH = Path(__file__).with_name("rabbitmq_throughput.py")
 
@@ -34,19 +32,11 @@ def instructions(contender: str, messages: int, url: str, checkout: Path | None 
     if checkout is not None:  # that checkout's code first on the path, and its benchmark script
         bench = checkout / "bench" / BENCH.name
         env["PYTHONPATH"] = os.pathsep.join([str(checkout / "src"), env.get("PYTHONPATH", "")])
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "callgrind.out"
-        done = subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-             str(bench), "--url", url, "--only", contender, "--messages", str(messages),
-             "--rate", "100", "--seconds", "1"],
-            check=False, capture_output=True, text=True, env=env,
-        )  # fmt: skip
-        if done.returncode != 0:
-            sys.exit(f"{contender} with {messages} messages failed:\n{done.stderr[-2000:]}")
-        found = re.search(r"^summary: (\d+)", out.read_text(), re.MULTILINE)
-        assert found, f"no summary in callgrind's output for {contender}"
-        return int(found.group(1))
+    return instructions_of(
+        [str(bench), "--url", url, "--only", contender, "--messages", str(messages), "--rate", "100",
+         "--seconds", "1"],
+        what=f"{contender} with {messages} messages", env=env,
+    )  # fmt: skip
 
 
 def main() -> None:

@@ -24,14 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.abc
-import os
-import re
-import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
+
+from callgrind import instructions_of
 
 CONTENDERS = ("absent", "off", "api", "sdk")
 
@@ -119,22 +116,10 @@ def run_one(contender: str, messages: int) -> None:
 
 
 def instructions(contender: str, messages: int) -> int:
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "callgrind.out"
-        done = subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-             __file__, "--run", contender, "--messages", str(messages)],
-            check=False, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
-        )  # fmt: skip
-        if done.returncode != 0:
-            sys.exit(f"{contender} with {messages} messages failed:\n{done.stderr[-2000:]}")
-        # With several threads (the SDK's batch processor) callgrind writes one file per thread.
-        total = 0
-        for path in Path(scratch).glob("callgrind.out*"):
-            found = re.search(r"^summary: (\d+)", path.read_text(), re.MULTILINE)
-            assert found, f"no summary in {path.name} for {contender}"
-            total += int(found.group(1))
-        return total
+    return instructions_of(
+        [__file__, "--run", contender, "--messages", str(messages)],
+        what=f"{contender} with {messages} messages",
+    )
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ Every logger of tidings is made by `logger(name)`, which attaches `MessageFields
 while a delivery is being processed (or a message sent) carries that message's `message_id`,
 `type`, `correlation_id` and the `service` as attributes, and `trace_id`/`span_id` of the current
 span (or of the message's `traceparent`), the same names `extra=` would give. A field the caller
-passed in `extra=` wins. The pipeline sets the fields for the time of a delivery (`about`); an
+passed in `extra=` wins. The pipeline sets the fields for the time of a delivery (`about`), and
+the relay and the inbox clean-up name their service for their whole task (`in_service`); an
 application adds the filter to its own handlers to get them on its records too:
 
     handler.addFilter(tidings.logs.MessageFields())

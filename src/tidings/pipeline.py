@@ -175,7 +175,7 @@ class Pipeline:
                 return
             except (Unavailable, TransportError) as error:
                 # Not the handler's fault: back for later, the attempt not counted.
-                wait = self._outage_delay(error, envelope, queue)
+                wait = self._outage_delay(error, queue)
                 if span is not None:
                     span.retrying("unavailable", wait, error)
                 await _settled(span, "retry", delivery.retry_later(wait, delivery.headers))
@@ -235,7 +235,7 @@ class Pipeline:
                     self._outage.up()
                 return
 
-    def _outage_delay(self, error: BaseException, envelope: Envelope, queue: str) -> float:
+    def _outage_delay(self, error: BaseException, queue: str) -> float:
         """Count an unavailable attempt and say how long its message waits (one log line an outage)."""
         self.stats.unavailable += 1
         self._outage_streak += 1

@@ -22,7 +22,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 import uuid
@@ -30,11 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
-import pytest
+from tests.conftest import answers
+from tests.transports.private_rabbitmq import SYSTEM_PATH, _run, _system, _unavailable
 
-from tests.conftest import CI, answers
-
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PORT_FROM = int(os.environ.get("TIDINGS_TEST_CHAOS_RABBITMQ_PORT", "5780"))
 START_TIMEOUT = 90
 
@@ -86,20 +83,8 @@ class PrivateNode:
         )
 
     def _run(self, command: list[str], timeout: float) -> str:
-        # A session of its own, so that a timeout ends the whole CLI (su, sh, the Erlang VM).
-        process = subprocess.Popen(
-            ["sh", "-c", _WITH_FILES, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=self.env, start_new_session=True,
-        )  # fmt: skip
-        try:
-            out, err = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise RuntimeError(f"{' '.join(command)} took more than {timeout} s") from None
-        if process.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed: {err or out}")
-        return out
+        # With the open-files limit raised first (quorum queues hold file handles).
+        return _run(["sh", "-c", _WITH_FILES, *command], self.env, timeout)
 
     def ctl(self, *args: str, timeout: float = 90) -> str:
         return self._run([_system("rabbitmqctl"), "-q", "-n", self.node, *args], timeout)
@@ -183,13 +168,3 @@ class PrivateNode:
                 node.shutdown()
         finally:
             shutil.rmtree(directory, ignore_errors=True)
-
-
-def _system(tool: str) -> str:
-    return shutil.which(tool, path=SYSTEM_PATH) or tool
-
-
-def _unavailable(reason: str) -> None:
-    if CI:
-        pytest.fail(f"{reason} (CI is set: the private RabbitMQ node must start)")
-    pytest.skip(reason)
