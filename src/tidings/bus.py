@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, Unpack, overload
 
-from tidings.audit import Audit, AuditSettings, audit_for
+from tidings.audit import HEARTBEAT_INTERVAL, Audit, AuditSettings, Beater, audit_for, instance_id
 from tidings.consumer import consume
 from tidings.envelope import DEFAULT_MAX_BODY_SIZE
 from tidings.errors import ConfigurationError, DuplicateHandler, InvalidMessageType
@@ -89,6 +89,7 @@ class Bus:
         shutdown_grace: float = 30.0,
         telemetry: bool | Telemetry = True,
         audit: bool | AuditSettings | None = None,
+        heartbeat_interval: float | None = HEARTBEAT_INTERVAL,
     ) -> None:
         if not isinstance(service, str) or not service.strip():
             raise ConfigurationError("a Bus needs a non-empty service name")
@@ -102,6 +103,8 @@ class Bus:
             raise ConfigurationError("concurrency must be at least 1")
         if not shutdown_grace >= 0:
             raise ConfigurationError("shutdown_grace must be 0 seconds or more")
+        if heartbeat_interval is not None and not heartbeat_interval > 0:
+            raise ConfigurationError("heartbeat_interval must be more than 0 seconds (None: no heartbeats)")
         self.service = service
         if transport is None:
             transport = os.environ.get("TIDINGS_TRANSPORT") or DEFAULT_TRANSPORT  # empty: unset
@@ -117,9 +120,13 @@ class Bus:
         #: Traces and metrics (`tidings.telemetry`): OpenTelemetry's global providers by default,
         #: silent without `opentelemetry-api`; `telemetry=False` records and imports nothing.
         self.telemetry = telemetry_for(telemetry)
-        #: The audit feed and heartbeats (`tidings.audit`, docs/dashboard.md): `audit=True`, an
-        #: `AuditSettings`, or with None $TIDINGS_AUDIT=1. It hears deliveries through the telemetry.
-        self.audit: Audit | None = audit_for(audit, service)
+        #: Names this bus instance in its heartbeats and audit records (`host-pid-xxxxxx`).
+        self.instance = instance_id()
+        #: Seconds between the heartbeats `run()` publishes (docs/dashboard.md); None: none.
+        self.heartbeat_interval = heartbeat_interval
+        #: The audit feed (`tidings.audit`, docs/dashboard.md): `audit=True`, an `AuditSettings`,
+        #: or with None $TIDINGS_AUDIT=1. It hears deliveries through the telemetry.
+        self.audit: Audit | None = audit_for(audit, service, self.instance)
         if self.audit is not None:
             self.telemetry = self.audit.telemetry(self.telemetry)
         self._stats = Stats()
@@ -141,6 +148,8 @@ class Bus:
                 service, database, self.transport, self._stats, *settings, self.telemetry
             )
             self._handlers.middleware.append(self.inbox)
+            # The heartbeat reports the outbox backlog: the relay looks at it every few seconds.
+            self.relay.watch_backlog = heartbeat_interval is not None
         self._sender = Sender(
             service, self.transport, Routes(service, self._handlers.by_type), self.outbox, self.telemetry
         )
@@ -366,7 +375,7 @@ class Bus:
             )
         )
         stopping = asyncio.create_task(self._stopping.wait())
-        storage = [asyncio.create_task(job) for job in (*self._storage_jobs(), *self._audit_jobs())]
+        storage = [asyncio.create_task(job) for job in (*self._storage_jobs(), *self._monitoring_jobs())]
         try:
             await asyncio.wait({consuming, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -390,11 +399,22 @@ class Bus:
         jobs = [self.relay.run(), self.inbox.clean_up_forever()]
         return jobs if self.sagas is None else [*jobs, self.sagas.clean_up_forever()]
 
-    def _audit_jobs(self) -> list[Coroutine[Any, Any, None]]:
-        if self.audit is None:
-            return []
-        relay = self.relay.stats if self.relay is not None else None
-        return self.audit.jobs(self.transport, self._stats, relay)
+    def _monitoring_jobs(self) -> list[Coroutine[Any, Any, None]]:
+        """The heartbeat and, with audit on, the audit shipper."""
+        jobs = [] if self.audit is None else [self.audit.job(self.transport)]
+        if self.heartbeat_interval is not None:
+            relay, audit = self.relay, self.audit
+            beater = Beater(
+                self.service,
+                self.instance,
+                self.heartbeat_interval,
+                stats=self._stats,
+                relay=relay.stats if relay is not None else None,
+                gauges=lambda: relay.last_look if relay is not None else None,
+                dropped=lambda: audit.dropped if audit is not None else 0,
+            )
+            jobs.append(beater.run(self.transport))
+        return jobs
 
     async def create_tables(self) -> None:
         """Create the outbox and inbox tables if missing (a quick start; migrations: `tidings.storage`)."""

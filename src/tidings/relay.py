@@ -31,8 +31,8 @@ timeout, and the consumers' inbox drops the duplicate. Sent rows are deleted aft
 period, in bounded batches (`Relay.clean_up`).
 
 Telemetry: each send continues the trace stored with its row (the `traceparent` of the code that
-wrote it), and while something reads the outbox gauges the relay counts its unsent rows every
-`BACKLOG_INTERVAL` (`Relay.backlog`).
+wrote it), and while something reads the outbox gauges (or the bus's heartbeat, `watch_backlog`)
+the relay counts its unsent rows every `BACKLOG_INTERVAL` (`Relay.backlog`, `Relay.last_look`).
 """
 
 from __future__ import annotations
@@ -198,6 +198,10 @@ class Relay:
         self.telemetry = telemetry
         #: The backlog gauges this relay feeds (None: nothing to feed).
         self.gauges = telemetry.outbox_gauges(outbox.service)
+        #: The last look at the backlog, whoever asked for it; `watch_backlog` makes the relay
+        #: look every `BACKLOG_INTERVAL` whether or not the gauges are read (the bus's heartbeat).
+        self.last_look = OutboxGauges(outbox.service)
+        self.watch_backlog = False
         self.settings = outbox.settings
         self.engine = outbox.engine
         self.service = outbox.service
@@ -261,8 +265,8 @@ class Relay:
                     failures,
                 )
             failures = 0
-            if self.gauges is not None and loop.time() >= next_look and self.gauges.wanted():
-                await self._look_at_backlog(self.gauges)
+            if loop.time() >= next_look and self._backlog_wanted():
+                await self._look_at_backlog()
                 next_look = loop.time() + BACKLOG_INTERVAL
             if not self._more_waiting:
                 await self.outbox.wait_for_work(self.settings.poll_interval)
@@ -333,9 +337,15 @@ class Relay:
                 rows, oldest = (await connection.execute(query)).one()
         return int(rows), as_utc(oldest)
 
-    async def _look_at_backlog(self, gauges: OutboxGauges) -> None:
+    def _backlog_wanted(self) -> bool:
+        return self.watch_backlog or (self.gauges is not None and self.gauges.wanted())
+
+    async def _look_at_backlog(self) -> None:
         try:
-            gauges.update(*await self.backlog())
+            rows, oldest = await self.backlog()
+            self.last_look.update(rows, oldest)
+            if self.gauges is not None:
+                self.gauges.update(rows, oldest)
         except Exception as error:
             # The gauges keep their last value; the round that follows reports a real outage.
             log.debug("outbox relay of %s: no look at the backlog: %s", self.service, error)

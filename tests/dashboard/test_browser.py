@@ -135,8 +135,15 @@ async def _look(browser: Browser, base: str, orders: dict[str, str], shots: Path
 
 
 async def _replay(browser: Browser, base: str, transport: str, shots: Path) -> None:
-    fast = AuditSettings(heartbeat_interval=0.5, flush_interval=0.05)
-    ledger = Bus("ledger", transport, audit=fast, telemetry=False, retry=RetryPolicy(immediate=0, delays=()))
+    fast = AuditSettings(flush_interval=0.05)
+    ledger = Bus(
+        "ledger",
+        transport,
+        audit=fast,
+        heartbeat_interval=0.5,
+        telemetry=False,
+        retry=RetryPolicy(immediate=0, delays=()),
+    )
     till = Bus("till", transport, telemetry=False)
     till.route(Post, to="ledger")
     broken = True

@@ -21,7 +21,7 @@ from tidings.audit import AuditSettings
 from tidings.dashboard.depth import queue_depths
 from tidings.transports import transport_from_url
 
-FAST = AuditSettings(heartbeat_interval=0.3, flush_interval=0.05)
+FAST = AuditSettings(flush_interval=0.05)
 
 
 class Charge(Command, name="dash-test.charge"):
@@ -38,8 +38,15 @@ async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float 
 
 async def test_services_failed_messages_replay_and_live_events(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'bus.db'}"
-    payment = Bus("payment", url, audit=FAST, telemetry=False, retry=RetryPolicy(immediate=0, delays=()))
-    shop = Bus("shop", url, audit=FAST, telemetry=False)
+    payment = Bus(
+        "payment",
+        url,
+        audit=FAST,
+        heartbeat_interval=0.3,
+        telemetry=False,
+        retry=RetryPolicy(immediate=0, delays=()),
+    )
+    shop = Bus("shop", url, audit=FAST, heartbeat_interval=0.3, telemetry=False)
     shop.route(Charge, to="payment")
     broken = True
     handled: list[str] = []

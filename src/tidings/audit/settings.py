@@ -1,4 +1,4 @@
-"""`AuditSettings`: where the audit feed goes, how much of a body it keeps, how often a bus beats."""
+"""`AuditSettings`: where the audit feed goes, how much of a body it keeps, how it batches."""
 
 from __future__ import annotations
 
@@ -13,12 +13,10 @@ __all__ = ["AuditSettings"]
 class AuditSettings:
     """How a bus audits what it settles (`Bus(..., audit=AuditSettings(...))`)."""
 
-    #: The queue the records and heartbeats go to, on the bus's own transport.
+    #: The queue the records go to, on the bus's own transport.
     queue: str = "tidings.audit"
     #: Bytes of a message's body kept in its record (0: none); the rest is cut off, its size kept.
     max_body: int = 2048
-    #: Seconds between heartbeats.
-    heartbeat_interval: float = 5.0
     #: Records per message on the audit queue: one send carries many, so auditing costs the
     #: transport one send per batch rather than one per message.
     batch_size: int = 200
@@ -33,5 +31,5 @@ class AuditSettings:
             raise ConfigurationError("AuditSettings.queue must not be empty")
         if self.max_body < 0 or self.batch_size < 1 or self.capacity < 1:
             raise ConfigurationError("AuditSettings: max_body >= 0, batch_size and capacity >= 1")
-        if not (self.heartbeat_interval > 0 and self.flush_interval > 0):
-            raise ConfigurationError("AuditSettings: heartbeat_interval and flush_interval must be > 0")
+        if not self.flush_interval > 0:
+            raise ConfigurationError("AuditSettings: flush_interval must be > 0")

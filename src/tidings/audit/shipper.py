@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tidings.audit.records import RECORD_FIELDS, RECORDS_TYPE, AuditRecord, encode_records
+from tidings.audit.records import RECORDS_TYPE, SHIPPED_FIELDS, AuditRecord, encode_records, record_from_row
 from tidings.audit.settings import AuditSettings
 from tidings.audit.telemetry import Settled
 from tidings.backoff import capped_exponential
@@ -94,7 +94,7 @@ class Shipper:
         size = self.settings.batch_size
         while self._waiting:
             batch = self._waiting[:size]
-            body = encode_records([self.row(settled) for settled in batch])
+            body = encode_records([self.row(settled) for settled in batch], SHIPPED_FIELDS)
             envelope = Envelope(type=RECORDS_TYPE, source=self.service, body=body)
             await transport.send(envelope, self.settings.queue)
             # Only once the transport has it: a failed send keeps the batch for the next try.
@@ -102,34 +102,33 @@ class Shipper:
             self.sent += len(batch)
 
     def record(self, settled: Settled) -> AuditRecord:
-        """The audit record of a settled delivery."""
-        return AuditRecord(**dict(zip(RECORD_FIELDS, self.row(settled), strict=True)))
+        """The audit record of a settled delivery, as the dashboard reads it."""
+        return record_from_row(SHIPPED_FIELDS, self.row(settled))
 
     def row(self, settled: Settled) -> list[Any]:
-        """The record of a settled delivery as a row, its values in `RECORD_FIELDS` order."""
+        """The record of a settled delivery as a row, its values in `SHIPPED_FIELDS` order.
+
+        Every message audited goes through here, on the bus's event loop: what the headers say
+        already (id, type, correlation, ...) is not copied out of them, and the common case (no
+        error, a first delivery) does no more than read the fields.
+        """
         headers = settled.headers
         body = settled.body
         error = settled.error
+        attempt = headers.get(ATTEMPT)
         return [
-            headers.get("id", ""),  # message_id
-            headers.get("type", ""),
-            headers.get("source", ""),
             settled.service,
             settled.queue,
             self.instance,
             settled.outcome,
             settled.reason,
-            _qualified(error) if error is not None else None,  # error_type
-            str(error)[:_MAX_ERROR_MESSAGE] if error is not None else None,  # error_message
-            headers.get("correlationid"),
-            headers.get("causationid"),
-            headers.get("subject"),
-            None,  # sent_at: read from the `time` header by whoever reads the record (`sent_time`)
+            None if error is None else _qualified(error),  # error_type
+            None if error is None else str(error)[:_MAX_ERROR_MESSAGE],  # error_message
             settled.arrived,  # processed_at
             round((settled.duration or 0.0) * 1000, 3),  # duration_ms
-            _int(headers.get(ATTEMPT), 1),  # round
+            1 if attempt is None else _int(attempt, 1),  # round
             settled.failures,
-            _message_headers(headers),
+            _message_headers(headers, attempt is not None),
             body[: self.settings.max_body].decode("utf-8", errors="replace"),
             len(body),  # body_size
         ]
@@ -147,11 +146,11 @@ def _int(text: str | None, default: int) -> int:
         return default
 
 
-def _message_headers(headers: Any) -> dict[str, str]:
+def _message_headers(headers: Any, retried: bool) -> dict[str, str]:
     # The fault headers of a replayed message are gone already; those of the first delivery's
     # retries are the bus's own bookkeeping, which the record says in its own fields.
     # Only a delayed retry carries them (a dead letter is never delivered; a replay has them
     # stripped), and it always carries the attempt header.
-    if ATTEMPT not in headers:
+    if not retried:
         return headers if type(headers) is dict else dict(headers)
     return {k: v for k, v in headers.items() if k != ATTEMPT and not k.startswith(FAULT_PREFIX)}

@@ -14,14 +14,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 from tidings.audit.records import DEAD_LETTERED, DUPLICATE, HANDLED, RETRIED, UNSETTLED
 from tidings.envelope import Envelope
 from tidings.telemetry.port import Operation, OutboxGauges, Processing, Sending, Telemetry
 
-__all__ = ["AuditGauges", "AuditTelemetry", "Settled"]
+__all__ = ["AuditTelemetry", "Settled"]
 
 #: The delivery being processed in this task: the inbox's `duplicate` call names no message, but
 #: it happens within the processing of the one it found (the consumer runs each in a task).
@@ -124,29 +123,12 @@ class Settled:
                 self.inner.end()
 
 
-@dataclass(eq=False, slots=True)
-class AuditGauges(OutboxGauges):
-    """The relay's backlog look, kept for the heartbeat and passed on to the wrapped gauges."""
-
-    inner: OutboxGauges | None = None
-
-    def update(self, rows: int, oldest: Any) -> None:
-        self.rows, self.oldest = rows, oldest
-        if self.inner is not None:
-            self.inner.update(rows, oldest)
-
-    def wanted(self) -> bool:
-        return True  # the heartbeat always reads it
-
-
 class AuditTelemetry(Telemetry):
     """The port for one bus with audit on: notes each delivery, passes everything on to `inner`."""
 
     def __init__(self, inner: Telemetry, hand_over: Callable[[Settled], None]) -> None:
         self.inner = inner
         self._hand_over = hand_over
-        #: The relay's gauges once it asked for them (`outbox_gauges`), for the heartbeat.
-        self.gauges: AuditGauges | None = None
 
     def processing(
         self, transport: Any, service: str, headers: Mapping[str, str], body: bytes, queue: str
@@ -162,11 +144,10 @@ class AuditTelemetry(Telemetry):
             settled.outcome = DUPLICATE
         self.inner.duplicate(service, queue)
 
-    def outbox_gauges(self, service: str) -> OutboxGauges:
-        self.gauges = AuditGauges(service, inner=self.inner.outbox_gauges(service))
-        return self.gauges
-
     # -- passed on as they are --------------------------------------------------------------
+
+    def outbox_gauges(self, service: str) -> OutboxGauges | None:
+        return self.inner.outbox_gauges(service)
 
     def sending(self, transport: Any, envelope: Envelope, queue: str | None) -> Sending | None:
         return self.inner.sending(transport, envelope, queue)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 
 from tidings.audit import HEARTBEAT_TYPE, RECORDS_TYPE, decode_heartbeat, decode_records
 from tidings.audit.records import DEAD_LETTERED
@@ -32,11 +33,24 @@ PREFETCH = 32
 class Ingest:
     """Consumes the audit queue into a store, and tells the open pages."""
 
-    def __init__(self, transport: Transport, store: Store, live: Live, *, queue: str) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        store: Store,
+        live: Live,
+        *,
+        queue: str,
+        temporary: bool = False,
+        events: Sequence[str] = (),
+    ) -> None:
         self.transport = transport
         self.store = store
         self.live = live
         self.queue = queue
+        #: A queue of this dashboard's own (gone with it), bound to `events`: the heartbeats,
+        #: which every bus publishes whether or not anything listens (docs/dashboard.md).
+        self.temporary = temporary
+        self.events = tuple(events)
         #: Records and heartbeats stored, and messages refused, since the dashboard started.
         self.records = 0
         self.heartbeats = 0
@@ -44,7 +58,9 @@ class Ingest:
 
     async def run(self) -> None:
         """Consume until cancelled; a store that fails is waited out, the batch kept on the queue."""
-        await self.transport.declare_queue(self.queue)
+        await self.transport.declare_queue(self.queue, temporary=self.temporary)
+        for event_type in self.events:
+            await self.transport.bind(self.queue, event_type)
         failures = 0
         while True:
             deliveries = self.transport.receive(self.queue, prefetch=PREFETCH)

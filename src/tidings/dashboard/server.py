@@ -14,13 +14,14 @@ import contextlib
 import signal
 import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 
 import uvicorn
 
-from tidings.audit import AUDIT_QUEUE
+from tidings.audit import AUDIT_QUEUE, HEARTBEAT_TYPE
 from tidings.dashboard.app import Parts, make_app
 from tidings.dashboard.failed import FailedMessages
 from tidings.dashboard.ingest import Ingest
@@ -99,8 +100,18 @@ async def serve(settings: DashboardSettings, *, ready: Callable[[str], None] | N
             )
             server = _Server(config, live.close)
             ingest = Ingest(transport, store, live, queue=settings.queue)
+            # The heartbeats come to a queue of this dashboard's own: every bus publishes them,
+            # and with no dashboard bound, none is kept anywhere.
+            beats = Ingest(
+                transport,
+                store,
+                live,
+                queue=f"{settings.queue}.heartbeats-{uuid.uuid4().hex[:8]}",
+                temporary=True,
+                events=[HEARTBEAT_TYPE],
+            )
             retention = Retention(store, keep=settings.retention)
-            tasks = [asyncio.create_task(ingest.run()), asyncio.create_task(retention.run())]
+            tasks = [asyncio.create_task(job.run()) for job in (ingest, beats, retention)]
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             if ready is not None:
