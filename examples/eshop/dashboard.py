@@ -2,7 +2,8 @@
 
 The dashboard starts first (as its own process, in a session of its own like the services), every
 process of the shop gets `TIDINGS_AUDIT=1`, and once the scenario is over the dashboard stays up,
-its address printed, until Ctrl-C or SIGTERM.
+its address printed, until Ctrl-C or SIGTERM: then it is stopped, and the demo exits as the run
+went (0 when everything was as expected and the dashboard exited 0), since that is how it ends.
 """
 
 from __future__ import annotations
@@ -45,11 +46,24 @@ class DashboardProcess:
         return cls(process, found.group(1))
 
     async def stay(self, out: TextIO) -> None:
-        """Say where the dashboard is, and wait for Ctrl-C or SIGTERM."""
+        """Say where the dashboard is, and wait for Ctrl-C or SIGTERM (or the dashboard's end)."""
+        # Here Ctrl-C is the way the demo ends, not an interruption of it: caught as a signal (a
+        # second one too, while `stop` runs) rather than cancelling the run into exit code 130.
+        loop = asyncio.get_running_loop()
+        asked = asyncio.Event()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(number, asked.set)
         print(f"\nThe dashboard is at {self.url} (Ctrl-C to stop it)", file=out, flush=True)
-        await self.process.wait()
+        exited = asyncio.ensure_future(self.process.wait())
+        stop = asyncio.ensure_future(asked.wait())
+        try:
+            await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            stop.cancel()
 
-    async def stop(self) -> None:
+    async def stop(self) -> int:
+        """Stop the dashboard (SIGTERM, then SIGKILL after a while); its exit code."""
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGTERM)
@@ -58,3 +72,4 @@ class DashboardProcess:
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
+        return self.process.returncode if self.process.returncode is not None else -1

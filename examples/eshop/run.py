@@ -223,7 +223,10 @@ async def _main(args: argparse.Namespace, workdir: Path, holder: list[Deployment
             await dashboard.stay(sys.stdout)
     finally:
         if dashboard is not None:
-            await dashboard.stop()
+            code = await dashboard.stop()
+    if dashboard is not None and code != 0:
+        print(f"the dashboard exited with {code} (see {workdir / 'dashboard.log'})", file=sys.stderr)
+        return 1
     return 0 if result.ok else 1
 
 

@@ -1,5 +1,6 @@
 """The dashboard's store on SQLite and PostgreSQL: records in batches, conversations, search,
-heartbeats kept newest-first, and retention deleting in batches while ingestion goes on."""
+heartbeats kept newest-first (one by one and several in one transaction), and retention deleting
+in batches while ingestion goes on."""
 
 from __future__ import annotations
 
@@ -87,6 +88,33 @@ async def test_an_instance_keeps_its_newest_heartbeat(store: Store) -> None:
     (kept,) = await store.instances()
     assert (kept.sent_at, kept.counters, kept.outbox_backlog) == (20.0, {"handled": 2}, 3)
     assert await store.services() == ["basket"]
+
+
+async def test_records_and_heartbeats_of_several_messages_are_stored_in_one_call(store: Store) -> None:
+    def beat(instance: str, sent_at: float, handled: int) -> Heartbeat:
+        return Heartbeat(
+            service="basket",
+            instance=instance,
+            host="h",
+            pid=1,
+            version=None,
+            started_at=0.0,
+            sent_at=sent_at,
+            interval=5.0,
+            counters={"handled": handled},
+        )
+
+    # Whole numbers where the columns are floats, as JSON from a bus may have them.
+    records = [
+        record(message_id=f"m{i}", correlation_id="c", processed_at=100 + i, duration_ms=2) for i in range(3)
+    ]
+    # Two beats of one instance in one group (ingestion's): the newer is kept, whatever the order.
+    await store.add(records, [beat("i-1", 20.0, 2), beat("i-2", 5.0, 7), beat("i-1", 10.0, 1)])
+    assert [s.record.message_id for s in await store.conversation("c")] == ["m0", "m1", "m2"]
+    assert [(b.instance, b.counters["handled"]) for b in await store.instances()] == [("i-1", 2), ("i-2", 7)]
+    assert await store.services() == ["b", "basket"]
+    (stored,) = await store.deliveries_of("m2")
+    assert (stored.record.processed_at, stored.record.duration_ms) == (102.0, 2.0)
 
 
 async def test_retention_deletes_old_records_in_batches_while_ingestion_goes_on(store: Store) -> None:

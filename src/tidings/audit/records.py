@@ -9,13 +9,12 @@ malformed entry raises `ValueError` for the consumer to skip, never anything els
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic_core import to_json
+from pydantic_core import from_json, to_json
 
 __all__ = [
     "AUDIT_QUEUE",
@@ -259,7 +258,7 @@ def record_from_row(fields: Sequence[str], row: Sequence[Any]) -> AuditRecord:
 
 def decode_records(body: bytes) -> list[AuditRecord]:
     """The records of one batch; `ValueError` when it is not one."""
-    data = json.loads(body)
+    data = from_json(body)
     if not isinstance(data, dict):
         raise ValueError("an audit batch is a JSON object with fields and rows")
     fields, rows = data.get("fields"), data.get("rows")
@@ -276,7 +275,7 @@ def encode_heartbeat(beat: Heartbeat) -> bytes:
 
 
 def decode_heartbeat(body: bytes) -> Heartbeat:
-    data = json.loads(body)
+    data = from_json(body)
     if not isinstance(data, dict):
         raise ValueError("a heartbeat is a JSON object")
     return Heartbeat.from_json(data)

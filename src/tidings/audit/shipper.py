@@ -125,7 +125,8 @@ class Shipper:
             None if error is None else _qualified(error),  # error_type
             None if error is None else str(error)[:_MAX_ERROR_MESSAGE],  # error_message
             settled.arrived,  # processed_at
-            round((settled.duration or 0.0) * 1000, 3),  # duration_ms
+            # In µs, rounded, then ms: round() with digits costs five times as much (it formats).
+            round((settled.duration or 0.0) * 1e6) / 1e3,  # duration_ms
             1 if attempt is None else _int(attempt, 1),  # round
             settled.failures,
             _message_headers(headers, attempt is not None),

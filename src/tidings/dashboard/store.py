@@ -2,24 +2,28 @@
 
     store = await Store.open("sqlite:///tidings-dashboard.db")   # or postgresql://user@host/db
 
-Writes are batched (one transaction per audit batch); reads are single indexed queries, so a
-conversation page stays fast however many records are kept; `delete_older` removes old records
-a batch at a time, each its own short transaction, so ingestion never waits behind a long one.
+Writes are batched (one transaction per group of audit batches, `add`); reads are single indexed
+queries, so a conversation page stays fast however many records are kept; `delete_older` removes
+old records a batch at a time, each its own short transaction, so ingestion never waits behind a
+long one.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, event, func, or_, select
+from pydantic_core import to_json
+from sqlalchemy import and_, bindparam, delete, event, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tidings.audit import AuditRecord, Heartbeat
+from tidings.audit.records import RECORD_FIELDS
 from tidings.dashboard.schema import instances, messages, metadata, services
 from tidings.errors import ConfigurationError
 
@@ -48,9 +52,9 @@ def engine_url(url: str) -> str:
     raise ConfigurationError(f"--store takes a sqlite:/// or postgresql:// URL, not {url!r}")
 
 
-def _record_row(record: AuditRecord) -> dict[str, Any]:
-    row = record.to_json()
-    row["headers"] = json.dumps(record.headers)
+def _beat_row(beat: Heartbeat) -> dict[str, Any]:
+    row = beat.to_json()
+    row["counters"] = json.dumps(beat.counters)
     return row
 
 
@@ -67,6 +71,35 @@ class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        # The records' insert, compiled once for this database and run with rows of plain values
+        # (`exec_driver_sql`): SQLAlchemy's per-row parameter processing of `messages.insert()`
+        # was the largest part of the store's time on the event loop (bench/audit_store.py), and
+        # these columns need none (text, numbers, None; the headers made JSON text here).
+        compiled = messages.insert().compile(dialect=engine.dialect, column_keys=RECORD_FIELDS)
+        self._insert_records = compiled.string
+        names = list(compiled.positiontup or ())
+        if sorted(names) != sorted(RECORD_FIELDS):
+            raise RuntimeError(f"the records' insert binds {names}, not the record's fields")
+        self._values = operator.attrgetter(*names)
+        self._headers_at = names.index("headers")
+        # Built once with bound parameters, so that SQLAlchemy compiles each a single time (a
+        # statement with its values inline was compiled again for every batch).
+        services_insert = self._insert(services).values(
+            service=bindparam("service"), last_seen=bindparam("last_seen")
+        )
+        newer = func.max if engine.dialect.name == "sqlite" else func.greatest
+        self._upsert_services = services_insert.on_conflict_do_update(
+            index_elements=[services.c.service],
+            set_={"last_seen": newer(services.c.last_seen, services_insert.excluded.last_seen)},
+        )
+        beats_insert = self._insert(instances).values(
+            {column.name: bindparam(column.name) for column in instances.columns}
+        )
+        self._upsert_instances = beats_insert.on_conflict_do_update(
+            index_elements=[instances.c.instance],
+            set_={c.name: beats_insert.excluded[c.name] for c in instances.columns if c.name != "instance"},
+            where=instances.c.sent_at <= beats_insert.excluded.sent_at,
+        )
 
     @classmethod
     async def open(cls, url: str = DEFAULT_STORE) -> Store:
@@ -75,8 +108,10 @@ class Store:
 
             @event.listens_for(engine.sync_engine, "connect")
             def _pragmas(connection: Any, record: Any) -> None:
-                # WAL: the pages read while ingestion writes; NORMAL: no fsync per batch (the audit
-                # queue holds a batch until its insert has committed).
+                # WAL: the pages read while ingestion writes; NORMAL: no fsync per commit. This is
+                # a monitoring store: a power cut may lose its last commits, which the audit queue
+                # gives again only if they were not yet acknowledged; losing a few records of the
+                # last second is the price of not paying an fsync per batch.
                 cursor = connection.cursor()
                 cursor.execute("PRAGMA journal_mode=WAL")
                 cursor.execute("PRAGMA synchronous=NORMAL")
@@ -92,42 +127,52 @@ class Store:
 
     # -- writing -----------------------------------------------------------------------------
 
-    async def add_records(self, records: Sequence[AuditRecord]) -> None:
-        """Store a batch of records, and note their services, in one transaction."""
-        if not records:
+    async def add(self, records: Sequence[AuditRecord], beats: Sequence[Heartbeat] = ()) -> None:
+        """Store records (in this order) and heartbeats, and note their services, in one transaction.
+
+        Of several heartbeats of one instance the newest is kept, as if stored one by one.
+        """
+        if not records and not beats:
             return
         last_seen: dict[str, float] = {}
         for record in records:
-            last_seen[record.service] = max(last_seen.get(record.service, 0.0), record.processed_at)
+            seen = last_seen.get(record.service)
+            if seen is None or record.processed_at > seen:
+                last_seen[record.service] = record.processed_at
+        newest: dict[str, Heartbeat] = {}
+        for beat in beats:
+            kept = newest.get(beat.instance)
+            if kept is None or kept.sent_at <= beat.sent_at:
+                newest[beat.instance] = beat
+            seen = last_seen.get(beat.service)
+            if seen is None or beat.sent_at > seen:
+                last_seen[beat.service] = beat.sent_at
         async with self.engine.begin() as connection:
-            await connection.execute(messages.insert(), [_record_row(r) for r in records])
-            await self._note_services(connection, last_seen)
+            if records:
+                await connection.exec_driver_sql(self._insert_records, self._rows(records))
+            if newest:
+                await connection.execute(self._upsert_instances, [_beat_row(b) for b in newest.values()])
+            await connection.execute(
+                self._upsert_services, [{"service": s, "last_seen": t} for s, t in last_seen.items()]
+            )
+
+    async def add_records(self, records: Sequence[AuditRecord]) -> None:
+        """Store a batch of records, and note their services, in one transaction."""
+        await self.add(records)
 
     async def add_heartbeat(self, beat: Heartbeat) -> None:
         """Keep an instance's latest heartbeat (an older one arriving late changes nothing)."""
-        row = beat.to_json()
-        row["counters"] = json.dumps(beat.counters)
-        insert = self._insert(instances).values(row)
-        update = {name: insert.excluded[name] for name in row if name != "instance"}
-        statement = insert.on_conflict_do_update(
-            index_elements=[instances.c.instance],
-            set_=update,
-            where=instances.c.sent_at <= insert.excluded.sent_at,
-        )
-        async with self.engine.begin() as connection:
-            await connection.execute(statement)
-            await self._note_services(connection, {beat.service: beat.sent_at})
+        await self.add((), [beat])
 
-    async def _note_services(self, connection: Any, last_seen: dict[str, float]) -> None:
-        insert = self._insert(services).values([{"service": s, "last_seen": t} for s, t in last_seen.items()])
-        await connection.execute(
-            insert.on_conflict_do_update(
-                index_elements=[services.c.service],
-                set_={"last_seen": func.max(services.c.last_seen, insert.excluded.last_seen)}
-                if self.engine.dialect.name == "sqlite"
-                else {"last_seen": func.greatest(services.c.last_seen, insert.excluded.last_seen)},
-            )
-        )
+    def _rows(self, records: Sequence[AuditRecord]) -> list[tuple[Any, ...]]:
+        values, at = self._values, self._headers_at
+        rows = []
+        for record in records:
+            row = values(record)
+            # pydantic-core's encoder: a fifth of `json.dumps`'s time on a record's headers,
+            # which were a fifth of ingestion's; the pages read either with `json.loads`.
+            rows.append((*row[:at], to_json(row[at]).decode(), *row[at + 1 :]))
+        return rows
 
     async def delete_older(self, before: float, *, batch: int) -> int:
         """Delete up to `batch` records processed before `before` (oldest first); how many went."""
