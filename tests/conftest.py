@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import faulthandler
+import gc
+import io
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -137,6 +144,65 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         fixtures = getattr(item, "fixturenames", ())
         if "rabbitmq" in item.nodeid.lower() or "rabbitmq_url" in fixtures:
             item.add_marker(pytest.mark.rabbitmq)
+
+
+#: Seconds before pytest-timeout ends a test that the watchdog shows what it is waiting for.
+WATCHDOG_LEAD = 5.0
+_WATCHDOG = pytest.StashKey[threading.Timer]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
+    """Arm a watchdog just before pytest-timeout's timer (which still fires, unchanged).
+
+    pytest-timeout shows where the main thread is: for an asyncio test, always the event loop's
+    `select()`. The watchdog prints what every task of the running loop is waiting on, so that a
+    hang says where it is stuck. Returning None lets pytest-timeout set its own timer as usual.
+    """
+    timeout = float(getattr(settings, "timeout", 0) or 0)
+    if timeout <= 0:
+        return
+    timer = threading.Timer(max(timeout - WATCHDOG_LEAD, timeout / 2), _dump_tasks, (item.nodeid,))
+    timer.daemon = True
+    timer.start()
+    item.stash[_WATCHDOG] = timer
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_cancel_timer(item: pytest.Item) -> None:
+    timer = item.stash.get(_WATCHDOG, None)
+    if timer is not None:
+        timer.cancel()
+
+
+def _dump_tasks(nodeid: str) -> None:
+    """Print the stack of every task of each running event loop (the watchdog's thread)."""
+    out = sys.__stderr__
+    if out is None:
+        return
+    out.write(f"\n+++ {nodeid} is about to time out; the asyncio tasks and what they wait on:\n")
+    loops = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop) and o.is_running()]
+    for loop in loops:
+        dumped = threading.Event()
+
+        def dump(loop: asyncio.AbstractEventLoop = loop, dumped: threading.Event = dumped) -> None:
+            # In the loop's own thread: the tasks do not change under the dump.
+            text = io.StringIO()
+            for task in asyncio.all_tasks(loop):
+                text.write(f"--- {task!r}\n")
+                task.print_stack(limit=20, file=text)
+            out.write(text.getvalue())
+            dumped.set()
+
+        loop.call_soon_threadsafe(dump)
+        if not dumped.wait(5):
+            # The loop does not come round: something blocks its thread. Show the threads instead.
+            out.write("the event loop does not answer; the stacks of the threads:\n")
+            faulthandler.dump_traceback(file=out, all_threads=True)
+    if not loops:
+        faulthandler.dump_traceback(file=out, all_threads=True)
+    out.write("+++\n")
+    out.flush()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -118,9 +118,16 @@ class Outbox:
         self._wake.clear()
 
     async def wait_for_work(self, poll_interval: float) -> None:
-        """Return when woken by a commit (after `linger`), or after `poll_interval` seconds."""
+        """Return when woken by a commit (after `linger`), or after `poll_interval` seconds.
+
+        A cancellation always comes through, even one that lands as a commit wakes the relay.
+        """
         try:
-            await asyncio.wait_for(self._wake.wait(), poll_interval)
+            # Not `asyncio.wait_for`: on Python 3.11 it returns normally when it is cancelled just
+            # as the awaited event is set, and the relay, its cancellation lost, would go on
+            # polling for ever (a stopping bus waits for it: run() and close() never return).
+            async with asyncio.timeout(poll_interval):
+                await self._wake.wait()
         except TimeoutError:
             return
         if self.settings.linger > 0:

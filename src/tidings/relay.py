@@ -169,8 +169,11 @@ class _Lease:
         while self.lost is None:
             # Renew when two thirds are left: a slow renewal still lands well before the end.
             wait = self._expires - self._timeout * 2 / 3 - self._loop.time()
+            # Not `asyncio.wait_for`: on Python 3.11 it can swallow a cancellation that lands as
+            # the event is set (`Outbox.wait_for_work` says more).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._done.wait(), max(wait, 0.0))
+                async with asyncio.timeout(max(wait, 0.0)):
+                    await self._done.wait()
             if self._done.is_set():
                 return
             started = self._loop.time()

@@ -14,7 +14,14 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from tests.storage.databases import POSTGRES_URL, domain, engine_for, postgres_engine, sqlite_engine
+from tests.storage.databases import (
+    LOCK_TIMEOUT,
+    POSTGRES_URL,
+    domain,
+    engine_for,
+    postgres_engine,
+    sqlite_engine,
+)
 from tidings.storage import metadata
 
 DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
@@ -22,7 +29,10 @@ DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 async def _postgres_schema() -> AsyncIterator[str]:
     schema = f"tidings_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(POSTGRES_URL, pool_size=1)
+    # The DROP SCHEMA at the end waits for every lock in the schema: a session a test left holding
+    # one makes it fail with that said (lock_timeout), not hang.
+    settings = {"lock_timeout": LOCK_TIMEOUT}
+    admin = create_async_engine(POSTGRES_URL, pool_size=1, connect_args={"server_settings": settings})
     try:
         async with admin.begin() as connection:
             await connection.execute(text(f'CREATE SCHEMA "{schema}"'))

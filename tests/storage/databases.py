@@ -12,7 +12,10 @@ from pathlib import Path
 from sqlalchemy import Column, Integer, MetaData, String, Table, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-__all__ = ["POSTGRES_URL", "domain", "effects", "engine_for", "produced"]
+__all__ = ["LOCK_TIMEOUT", "POSTGRES_URL", "domain", "effects", "engine_for", "produced"]
+
+#: How long a test's statement waits for another transaction's lock before it fails (PostgreSQL).
+LOCK_TIMEOUT = "60s"
 
 POSTGRES_URL = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 
@@ -46,7 +49,9 @@ def sqlite_engine(path: Path | str) -> AsyncEngine:
 def postgres_engine(schema: str, **options: object) -> AsyncEngine:
     # synchronous_commit=off: the tests kill clients, never the server, so the server's own flush
     # to disk is not under test; without it each commit waits for an fsync of this shared machine.
-    settings = {"search_path": schema, "synchronous_commit": "off"}
+    # lock_timeout: a statement stuck behind another transaction's lock fails with the statement
+    # named, well before pytest-timeout ends the test with nothing to say but the event loop's select().
+    settings = {"search_path": schema, "synchronous_commit": "off", "lock_timeout": LOCK_TIMEOUT}
     return create_async_engine(POSTGRES_URL, connect_args={"server_settings": settings}, **options)
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from tests.helpers import eventually, running
 from tests.storage.messages import Credit, Deposited
 from tidings import Bus, ConfigurationError, Context, Envelope, TransportError
-from tidings.outbox import OutboxSettings
+from tidings.outbox import Outbox, OutboxSettings
 from tidings.storage import as_utc, outbox_table
 from tidings.transports.memory import MemoryTransport
 
@@ -297,3 +297,37 @@ async def test_a_bus_stopping_mid_round_lets_the_relay_finish_it(database: Async
     assert len(shipped) == 5  # the round went on to its end
     assert await count_rows(database, outbox_table.c.claimed_by.is_not(None)) == 0
     assert await count_rows(database, outbox_table.c.sent_at.is_not(None)) == 5
+
+
+async def test_waiting_for_work_ends_when_cancelled_as_a_commit_wakes_it(database: AsyncEngine) -> None:
+    """The cancel and the wake in one turn of the loop: Python 3.11's `asyncio.wait_for` returned
+    normally there, and the cancellation was lost (a stopping bus then waited for its relay)."""
+    outbox = Outbox("producer", database, NO_POLLING)
+    waiting = asyncio.create_task(outbox.wait_for_work(NO_POLLING.poll_interval))
+    await asyncio.sleep(0)  # it waits on the wake
+    outbox.wake()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+async def test_a_relay_cancelled_as_a_commit_wakes_it_ends_instead_of_going_on(database: AsyncEngine) -> None:
+    bus = Bus("producer", transport=memory_url(), database=database, outbox_settings=NO_POLLING)
+    relay, outbox = bus.relay, bus.outbox
+    assert relay is not None
+    assert outbox is not None
+    async with bus:
+        relaying = asyncio.create_task(relay.run())
+        # Its first round (and clean-up) done, it waits for a commit to wake it.
+        await eventually(lambda: relay.stats.rounds == 1 and bool(outbox._wake._waiters))
+        outbox.wake()  # a handler's commit, as Bus.run() cancels its storage tasks
+        relaying.cancel()
+        another_round = asyncio.create_task(eventually(lambda: relay.stats.rounds > 1))
+        try:
+            await asyncio.wait({relaying, another_round}, return_when=asyncio.FIRST_COMPLETED)
+            assert relaying.done(), "the relay took its cancellation for a wake and went on"
+            assert relaying.cancelled()
+        finally:
+            for task in (another_round, relaying):  # a relay that went on is stopped here
+                task.cancel()
+            await asyncio.gather(another_round, relaying, return_exceptions=True)

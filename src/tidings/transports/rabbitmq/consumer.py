@@ -26,6 +26,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import AbstractChannel, DeliveredMessage
+from aiormq.exceptions import AMQPChannelError
 from pamqp.commands import Basic
 
 from tidings.errors import TransportClosed, TransportError
@@ -227,12 +228,34 @@ class Consumer:
     async def _on_reopen(self, _channel: object) -> None:
         if self._stopping:
             return
+        task = asyncio.current_task()
         try:
             await self._consume()
         except LOST_CHANNEL_ERRORS as error:
-            self._buffer.put_nowait(TransportError(
-                f"{self.url}: cannot consume from {self._physical_queue} again: {error}"
-            ))  # fmt: skip
+            if self._refused(error):
+                self._buffer.put_nowait(TransportError(
+                    f"{self.url}: cannot consume from {self._physical_queue} again: {error}"
+                ))  # fmt: skip
+                return
+            # The connection went again while consuming started again (a network that flaps).
+            # Not the receiver's business: aio-pika connects anew, reopens the channel and calls
+            # this once more. Ending `receive()` here would end the bus's run() for good.
+            log.debug("%s: consuming from %s again was cut off (%r); again on the next reopen",
+                      self.url, self._physical_queue, error)  # fmt: skip
+        except asyncio.CancelledError:
+            if task is not None and task.cancelling():
+                raise
+            # aiormq cancelled the basic.consume of a channel that closed under it: as above.
+            log.debug("%s: consuming from %s again was cut off; again on the next reopen",
+                      self.url, self._physical_queue)  # fmt: skip
+
+    def _refused(self, error: BaseException) -> bool:
+        """Whether the broker refused the consumer on a live connection (its queue is gone, no
+        permission): that ends `receive()`. A lost connection or channel does not."""
+        underlay = self._underlay
+        return (
+            isinstance(error, AMQPChannelError) and underlay is not None and not underlay.connection.is_closed
+        )
 
     def _on_channel_closed(self, closing: asyncio.Future[Any]) -> None:
         """Say so when the broker's consumer_timeout took deliveries back from a slow handler."""

@@ -40,7 +40,7 @@ from aio_pika.exceptions import (
     ProbableAuthenticationError,
     PublishError,
 )
-from aiormq.exceptions import ChannelAccessRefused
+from aiormq.exceptions import AMQPChannelError, ChannelAccessRefused
 
 from tidings.envelope import Envelope
 from tidings.errors import (
@@ -472,17 +472,60 @@ class RabbitMQTransport(Transport):
         )
         self._consumers.add(consumer)
         try:
-            channel: AbstractRobustChannel = await connection.channel(publisher_confirms=False)
-            await consumer.start(channel, physical)
-        except (AMQPError, ChannelInvalidStateError) as error:
+            await self._start_consuming(consumer, connection, physical)
+        except BaseException:
             await consumer.stop()
-            kind = AccessRefused if isinstance(error, ChannelAccessRefused) else TransportError
-            raise kind(f"{self.url}: cannot consume from {physical}: {error}") from None
+            raise
         try:
             while True:
                 yield await consumer.next()
         finally:
             await consumer.stop()
+
+    async def _start_consuming(
+        self, consumer: Consumer, connection: AbstractRobustConnection, physical: str
+    ) -> None:
+        """Open `consumer`'s channel and consume on it; a connection lost meanwhile is waited out.
+
+        A consumer loop opens receivers again and again (after a redelivery it takes one message
+        at a time, then widens again), so one is often being opened right as the connection
+        goes. That is an outage to wait out, as a publish waits (the channel is opened again on
+        the new connection); ending `receive()` there would end the bus's run() for good. The
+        broker refusing the consumer (its queue is gone, no permission) still ends it.
+        """
+        task = asyncio.current_task()
+        while True:
+            if self._connection is not connection or connection.is_closed:
+                raise TransportClosed(f"{self.url} is closed")
+            channel: AbstractRobustChannel | None = None
+            try:
+                # Made before it is opened, so that a channel that fails to open can be closed:
+                # else aio-pika would open it again with every reconnection, for nobody. Made
+                # while aio-pika reconnects (no connection under it), it raises RuntimeError.
+                channel = connection.channel(publisher_confirms=False)
+                await channel.initialize()
+                await consumer.start(channel, physical)
+                return
+            except (AMQPError, ChannelInvalidStateError, ConnectionError, RuntimeError) as error:
+                if isinstance(error, AMQPChannelError) and _connected(connection):
+                    kind = AccessRefused if isinstance(error, ChannelAccessRefused) else TransportError
+                    raise kind(f"{self.url}: cannot consume from {physical}: {error}") from None
+                lost: BaseException = error
+            except asyncio.CancelledError as error:
+                if task is not None and task.cancelling():
+                    raise  # the caller was cancelled
+                lost = error  # aiormq cancelled the channel's opening as the connection went
+            if channel is not None:
+                await _close_quietly(channel)
+            log.debug("%s: the connection went as a consumer of %s started (%r); again once it is back",
+                      self.url, physical, lost)  # fmt: skip
+            # The loss may not be noticed yet (the connection still counts as connected): a pause,
+            # so that this is no hot loop, then wait for aio-pika's next connection, looking again
+            # every reconnect_interval whether the transport was closed meanwhile.
+            await asyncio.sleep(_RESTART_PAUSE)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.reconnect_interval):
+                    await connection.ready()
 
     # -- dead letters (see error_queues) ------------------------------------------------------
 
@@ -494,6 +537,16 @@ class RabbitMQTransport(Transport):
 
     async def purge_dead_letters(self, queue: str) -> int:
         return await self._error_queues.purge(queue)
+
+
+#: Seconds between a consumer's attempts to start while the connection is lost.
+_RESTART_PAUSE = 0.1
+
+
+def _connected(connection: AbstractRobustConnection) -> bool:
+    """Whether `connection` has a live AMQP connection under it now (not lost, not reconnecting)."""
+    underlay = getattr(connection, "transport", None)
+    return underlay is not None and not underlay.connection.is_closed
 
 
 def _seconds_until(moment: datetime | None) -> float:
