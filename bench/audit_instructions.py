@@ -1,14 +1,14 @@
-"""Instructions per message on the bus path with audit off and on (callgrind), memory and SQLite.
+"""Instructions per message on the bus path with audit off and on (callgrind): memory, SQLite, RabbitMQ.
 
 Counted like `telemetry_instructions.py`: one bus publishes events to itself and handles them one
 at a time; each contender runs twice under `valgrind --tool=callgrind`, with a small and a large
 message count, and the difference divided by the difference in messages is one message's cost,
 start-up and imports left out. Audit on: the note on the handler path and, in the shipper's task,
 the records and their batches sent to the audit queue on the same transport (flushes by batch
-size only, heartbeats only at the start and the end, so the count does not depend on the clock).
+size only, and no heartbeats, so the count does not depend on the clock).
 Instructions, unlike a throughput on a shared machine, do not move with the neighbours' load.
 
-    .venv/bin/python bench/audit_instructions.py                   # memory and SQLite, ~10 minutes
+    .venv/bin/python bench/audit_instructions.py                   # memory, SQLite, RabbitMQ, ~20 minutes
     .venv/bin/python bench/audit_instructions.py --only memory-off --only memory-on
     .venv/bin/python bench/audit_instructions.py --backlog --small 1000 --large 5000
 
@@ -24,7 +24,9 @@ import asyncio
 
 from callgrind import instructions_of
 
-CONTENDERS = ("memory-off", "memory-on", "sqlite-off", "sqlite-on")
+CONTENDERS = ("memory-off", "memory-on", "sqlite-off", "sqlite-on", "rabbitmq-off", "rabbitmq-on")
+#: The broker of the rabbitmq contenders (only this process is counted, not the broker's).
+RABBITMQ = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 async def workload(contender: str, messages: int, directory: str, backlog: bool) -> None:
@@ -35,7 +37,12 @@ async def workload(contender: str, messages: int, directory: str, backlog: bool)
         n: int
 
     kind, _, audit = contender.partition("-")
-    url = "memory://bench" if kind == "memory" else f"sqlite:///{directory}/bus.db"
+    if kind == "rabbitmq":
+        import uuid
+
+        url = f"{RABBITMQ}?namespace=bench-{uuid.uuid4().hex[:8]}&connect_timeout=120"
+    else:
+        url = "memory://bench" if kind == "memory" else f"sqlite:///{directory}/bus.db"
     settings = AuditSettings(flush_interval=3600) if audit == "on" else False
     # No heartbeats: what is compared is the audit alone.
     concurrency = 16 if backlog else 1
@@ -107,7 +114,7 @@ def main() -> None:
         large = instructions(contender, args.large, args.backlog)
         per_message[contender] = (large - small) / (args.large - args.small)
         print(f"{contender:<10} {per_message[contender] / 1e3:8.1f} k instructions per message", flush=True)
-    for kind in ("memory", "sqlite"):
+    for kind in ("memory", "sqlite", "rabbitmq"):
         off, on = per_message.get(f"{kind}-off"), per_message.get(f"{kind}-on")
         if off and on:
             extra = (on - off) / 1e3
