@@ -145,11 +145,16 @@ class Bus:
         if database is not None:
             settings = (outbox_settings, inbox_settings)
             self.outbox, self.relay, self.inbox = _storage(
-                service, database, self.transport, self._stats, *settings, self.telemetry
+                service,
+                database,
+                self.transport,
+                self._stats,
+                *settings,
+                self.telemetry,
+                # The heartbeat reports the outbox backlog: the relay looks at it every few seconds.
+                watch_backlog=heartbeat_interval is not None,
             )
             self._handlers.middleware.append(self.inbox)
-            # The heartbeat reports the outbox backlog: the relay looks at it every few seconds.
-            self.relay.watch_backlog = heartbeat_interval is not None
         self._sender = Sender(
             service, self.transport, Routes(service, self._handlers.by_type), self.outbox, self.telemetry
         )
@@ -403,14 +408,13 @@ class Bus:
         """The heartbeat and, with audit on, the audit shipper."""
         jobs = [] if self.audit is None else [self.audit.job(self.transport)]
         if self.heartbeat_interval is not None:
-            relay, audit = self.relay, self.audit
+            audit = self.audit
             beater = Beater(
                 self.service,
                 self.instance,
                 self.heartbeat_interval,
                 stats=self._stats,
-                relay=relay.stats if relay is not None else None,
-                gauges=lambda: relay.last_look if relay is not None else None,
+                relay=self.relay,
                 dropped=lambda: audit.dropped if audit is not None else 0,
             )
             jobs.append(beater.run(self.transport))
@@ -526,6 +530,8 @@ def _storage(
     outbox_settings: OutboxSettings | None,
     inbox_settings: InboxSettings | None,
     telemetry: Telemetry,
+    *,
+    watch_backlog: bool,
 ) -> tuple[Outbox, Relay, Inbox]:
     """The outbox, its relay and the inbox of a service with a database (the `sql` extra)."""
     try:
@@ -536,7 +542,7 @@ def _storage(
         explain_missing_extra("sql", "Bus(..., database=engine)", error)
         raise
     outbox = Outbox(service, database, outbox_settings)
-    relay = Relay(outbox, transport, telemetry)
+    relay = Relay(outbox, transport, telemetry, watch_backlog=watch_backlog)
     return outbox, relay, Inbox(service, database, stats, inbox_settings, telemetry)
 
 

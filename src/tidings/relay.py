@@ -32,7 +32,7 @@ period, in bounded batches (`Relay.clean_up`).
 
 Telemetry: each send continues the trace stored with its row (the `traceparent` of the code that
 wrote it), and while something reads the outbox gauges (or the bus's heartbeat, `watch_backlog`)
-the relay counts its unsent rows every `BACKLOG_INTERVAL` (`Relay.backlog`, `Relay.last_look`).
+the relay counts its unsent rows every `BACKLOG_INTERVAL` (`Relay.backlog`, `Relay.gauges`).
 """
 
 from __future__ import annotations
@@ -195,16 +195,22 @@ class _Lease:
 class Relay:
     """Ships one service's committed outbox rows to a transport."""
 
-    def __init__(self, outbox: Outbox, transport: Transport, telemetry: Telemetry = NO_TELEMETRY) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        transport: Transport,
+        telemetry: Telemetry = NO_TELEMETRY,
+        *,
+        watch_backlog: bool = False,
+    ) -> None:
         self.outbox = outbox
         self.transport = transport
         self.telemetry = telemetry
-        #: The backlog gauges this relay feeds (None: nothing to feed).
-        self.gauges = telemetry.outbox_gauges(outbox.service)
-        #: The last look at the backlog, whoever asked for it; `watch_backlog` makes the relay
-        #: look every `BACKLOG_INTERVAL` whether or not the gauges are read (the bus's heartbeat).
-        self.last_look = OutboxGauges(outbox.service)
-        self.watch_backlog = False
+        #: The last look at the backlog: the telemetry's gauges, or plain ones when it has none.
+        self.gauges = telemetry.outbox_gauges(outbox.service) or OutboxGauges(outbox.service)
+        #: Look every `BACKLOG_INTERVAL` whether or not the telemetry reads the gauges (for the
+        #: bus's heartbeat, which reports the backlog).
+        self.watch_backlog = watch_backlog
         self.settings = outbox.settings
         self.engine = outbox.engine
         self.service = outbox.service
@@ -341,14 +347,11 @@ class Relay:
         return int(rows), as_utc(oldest)
 
     def _backlog_wanted(self) -> bool:
-        return self.watch_backlog or (self.gauges is not None and self.gauges.wanted())
+        return self.watch_backlog or self.gauges.wanted()
 
     async def _look_at_backlog(self) -> None:
         try:
-            rows, oldest = await self.backlog()
-            self.last_look.update(rows, oldest)
-            if self.gauges is not None:
-                self.gauges.update(rows, oldest)
+            self.gauges.update(*await self.backlog())
         except Exception as error:
             # The gauges keep their last value; the round that follows reports a real outage.
             log.debug("outbox relay of %s: no look at the backlog: %s", self.service, error)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import os
 import socket
 import time
@@ -23,19 +22,20 @@ from typing import Protocol
 
 from tidings.audit.records import HEARTBEAT_TYPE, Heartbeat, encode_heartbeat
 from tidings.envelope import Envelope
-from tidings.logs import logger
+from tidings.logs import Outage, logger
 from tidings.stats import Stats
 from tidings.telemetry.port import OutboxGauges
 from tidings.transports.base import Transport
 
-__all__ = ["HEARTBEAT_INTERVAL", "Beater", "RelayCounts", "instance_id"]
+__all__ = ["HEARTBEAT_INTERVAL", "Beater", "RelayCounts", "RelayView", "instance_id"]
 
 #: Seconds between two heartbeats of a bus, by default.
 HEARTBEAT_INTERVAL = 5.0
 #: How long the last beat, at the end of a run, may take before it is given up.
 LAST_BEAT_TIMEOUT = 2.0
 
-log = logger("tidings.audit")
+# Its own logger: heartbeats go out whether audit is on or not.
+log = logger("tidings.heartbeat")
 
 try:
     VERSION: str | None = metadata.version("tidings")
@@ -55,6 +55,16 @@ class RelayCounts(Protocol):
     sent: int
 
 
+class RelayView(Protocol):
+    """What the heartbeat reads of the outbox relay: its counts and its last look at the backlog."""
+
+    @property
+    def stats(self) -> RelayCounts: ...
+
+    @property
+    def gauges(self) -> OutboxGauges: ...
+
+
 class Beater:
     """The heartbeats of one bus instance."""
 
@@ -65,8 +75,7 @@ class Beater:
         interval: float,
         *,
         stats: Stats,
-        relay: RelayCounts | None,
-        gauges: Callable[[], OutboxGauges | None],
+        relay: RelayView | None,
         dropped: Callable[[], int],
     ) -> None:
         self.service = service
@@ -74,17 +83,19 @@ class Beater:
         self.interval = interval
         self.stats = stats
         self.relay = relay
-        self.gauges = gauges
         self.dropped = dropped
         self.started_at = time.time()
         self.host = socket.gethostname()
+        # One WARNING when beats stop going out (INFO when the transport logged its outage
+        # already), one INFO when they go again.
+        self._outage = Outage(log, f"{service}'s heartbeat")
 
     def beat(self, *, stopping: bool = False) -> Heartbeat:
         counters = dataclasses.asdict(self.stats)
+        backlog = oldest = None
         if self.relay is not None:
-            counters["relayed"] = self.relay.sent
-        gauges = self.gauges()
-        oldest = gauges.oldest if gauges is not None else None
+            counters["relayed"] = self.relay.stats.sent
+            backlog, oldest = self.relay.gauges.rows, self.relay.gauges.oldest
         return Heartbeat(
             service=self.service,
             instance=self.instance,
@@ -95,7 +106,7 @@ class Beater:
             sent_at=time.time(),
             interval=self.interval,
             counters=counters,
-            outbox_backlog=gauges.rows if gauges is not None else None,
+            outbox_backlog=backlog,
             outbox_oldest=oldest.timestamp() if oldest is not None else None,
             audit_dropped=self.dropped(),
             stopping=stopping,
@@ -107,25 +118,16 @@ class Beater:
 
     async def run(self, transport: Transport) -> None:
         """Beat until cancelled, then once more with `stopping` set."""
-        failing = False
         try:
             while True:
                 try:
                     # A publish held up by an outage must not hold up the beats after it.
                     async with asyncio.timeout(max(self.interval, LAST_BEAT_TIMEOUT)):
                         await self.send(transport)
-                    failing = False
                 except Exception as error:
-                    if not failing:
-                        # Once per outage; INFO when the transport has logged its outage already.
-                        level = logging.INFO if transport.in_outage else logging.WARNING
-                        log.log(
-                            level,
-                            "heartbeat of %s: not sent (%s)",
-                            self.service,
-                            error or type(error).__name__,
-                        )
-                    failing = True
+                    self._outage.down(str(error) or type(error).__name__, quiet=transport.in_outage)
+                else:
+                    self._outage.up()
                 await asyncio.sleep(self.interval)
         except asyncio.CancelledError:
             try:

@@ -35,7 +35,6 @@ __all__ = [
     "decode_records",
     "encode_heartbeat",
     "encode_records",
-    "record_from_row",
 ]
 
 #: The default audit queue (`AuditSettings.queue`).
@@ -244,7 +243,7 @@ def encode_records(rows: list[list[Any]], fields: Sequence[str] = RECORD_FIELDS)
     return _dumps({"fields": fields, "rows": rows})
 
 
-def record_from_row(fields: Sequence[str], row: Sequence[Any]) -> AuditRecord:
+def _record_from_row(fields: Sequence[str], row: Sequence[Any]) -> AuditRecord:
     """The record a row of a batch holds (`ValueError` if it is not one), what the row left out
     read from its headers, `sent_at` from the `time` header."""
     data = dict(zip(fields, row, strict=True))
@@ -267,7 +266,7 @@ def decode_records(body: bytes) -> list[AuditRecord]:
     width = len(fields)
     if not isinstance(rows, list) or not all(isinstance(row, list) and len(row) == width for row in rows):
         raise ValueError("an audit batch's rows have a value per field")
-    return [record_from_row(fields, row) for row in rows]
+    return [_record_from_row(fields, row) for row in rows]
 
 
 def encode_heartbeat(beat: Heartbeat) -> bytes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tidings.audit.records import RECORDS_TYPE, SHIPPED_FIELDS, AuditRecord, encode_records, record_from_row
+from tidings.audit.records import RECORDS_TYPE, SHIPPED_FIELDS, encode_records
 from tidings.audit.settings import AuditSettings
 from tidings.audit.telemetry import Settled
 from tidings.backoff import capped_exponential
@@ -100,10 +100,6 @@ class Shipper:
             # Only once the transport has it: a failed send keeps the batch for the next try.
             del self._waiting[: len(batch)]
             self.sent += len(batch)
-
-    def record(self, settled: Settled) -> AuditRecord:
-        """The audit record of a settled delivery, as the dashboard reads it."""
-        return record_from_row(SHIPPED_FIELDS, self.row(settled))
 
     def row(self, settled: Settled) -> list[Any]:
         """The record of a settled delivery as a row, its values in `SHIPPED_FIELDS` order.

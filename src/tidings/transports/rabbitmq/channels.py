@@ -1,9 +1,10 @@
-"""Two helpers for the channels of the RabbitMQ transport: waiting while a robust channel reopens,
-and a throwaway channel for one short look at a queue.
+"""Helpers for the channels of the RabbitMQ transport: waiting while a robust channel reopens, a
+throwaway channel for one short look at a queue, and telling a refusal from a lost connection.
 
 `transport` waits with `wait_until_open` before a publish and `declarations` before a declaration;
 `scratch_channel` serves `declarations` (does a queue exist?) and `error_queues` (listing,
-replaying, purging), because a miss closes the channel it was asked on.
+replaying, purging), because a miss closes the channel it was asked on. `refused` is how
+`transport` and `consumer` decide whether a consumer that could not start gives up or waits.
 """
 
 from __future__ import annotations
@@ -15,8 +16,16 @@ from collections.abc import AsyncIterator, Callable
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from aiormq.abc import AbstractConnection
+from aiormq.exceptions import AMQPChannelError
 
-__all__ = ["scratch_channel", "wait_until_open"]
+__all__ = ["refused", "scratch_channel", "wait_until_open"]
+
+
+def refused(error: BaseException, connection: AbstractConnection | None) -> bool:
+    """Whether `error` is the broker refusing an operation on `connection` while it is still up
+    (its queue is gone, no permission), rather than the connection lost under the operation."""
+    return isinstance(error, AMQPChannelError) and connection is not None and not connection.is_closed
 
 
 async def wait_until_open(channel: AbstractRobustChannel, check: Callable[[], object]) -> None:

@@ -26,7 +26,6 @@ from typing import Any
 
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import AbstractChannel, DeliveredMessage
-from aiormq.exceptions import AMQPChannelError
 from pamqp.commands import Basic
 
 from tidings.errors import TransportClosed, TransportError
@@ -34,6 +33,7 @@ from tidings.faults import fault_headers
 from tidings.logs import logger
 from tidings.transports.base import Delivery
 from tidings.transports.rabbitmq.acks import LOST_CHANNEL_ERRORS, ChannelAcks
+from tidings.transports.rabbitmq.channels import refused
 from tidings.transports.rabbitmq.codec import DUE_HEADER, decode_headers
 
 __all__ = ["Consumer", "RabbitMQDelivery"]
@@ -250,12 +250,9 @@ class Consumer:
                       self.url, self._physical_queue)  # fmt: skip
 
     def _refused(self, error: BaseException) -> bool:
-        """Whether the broker refused the consumer on a live connection (its queue is gone, no
-        permission): that ends `receive()`. A lost connection or channel does not."""
-        underlay = self._underlay
-        return (
-            isinstance(error, AMQPChannelError) and underlay is not None and not underlay.connection.is_closed
-        )
+        """Whether the broker refused the consumer (that ends `receive()`; a lost connection or
+        channel does not)."""
+        return refused(error, self._underlay.connection if self._underlay is not None else None)
 
     def _on_channel_closed(self, closing: asyncio.Future[Any]) -> None:
         """Say so when the broker's consumer_timeout took deliveries back from a slow handler."""

@@ -40,7 +40,8 @@ from aio_pika.exceptions import (
     ProbableAuthenticationError,
     PublishError,
 )
-from aiormq.exceptions import AMQPChannelError, ChannelAccessRefused
+from aiormq.abc import AbstractConnection
+from aiormq.exceptions import ChannelAccessRefused
 
 from tidings.envelope import Envelope
 from tidings.errors import (
@@ -55,7 +56,7 @@ from tidings.errors import (
 )
 from tidings.logs import LibraryToDebug, Outage, logger
 from tidings.transports.base import DeadLetter, Delivery, Transport
-from tidings.transports.rabbitmq.channels import wait_until_open
+from tidings.transports.rabbitmq.channels import refused, wait_until_open
 from tidings.transports.rabbitmq.codec import DUE_HEADER, OutgoingMessage, encode_message
 from tidings.transports.rabbitmq.consumer import Consumer
 from tidings.transports.rabbitmq.declarations import Declarations
@@ -507,7 +508,7 @@ class RabbitMQTransport(Transport):
                 await consumer.start(channel, physical)
                 return
             except (AMQPError, ChannelInvalidStateError, ConnectionError, RuntimeError) as error:
-                if isinstance(error, AMQPChannelError) and _connected(connection):
+                if refused(error, _amqp_connection(connection)):
                     kind = AccessRefused if isinstance(error, ChannelAccessRefused) else TransportError
                     raise kind(f"{self.url}: cannot consume from {physical}: {error}") from None
                 lost: BaseException = error
@@ -543,10 +544,10 @@ class RabbitMQTransport(Transport):
 _RESTART_PAUSE = 0.1
 
 
-def _connected(connection: AbstractRobustConnection) -> bool:
-    """Whether `connection` has a live AMQP connection under it now (not lost, not reconnecting)."""
+def _amqp_connection(connection: AbstractRobustConnection) -> AbstractConnection | None:
+    """The AMQP connection under `connection` now (None while it reconnects)."""
     underlay = getattr(connection, "transport", None)
-    return underlay is not None and not underlay.connection.is_closed
+    return underlay.connection if underlay is not None else None
 
 
 def _seconds_until(moment: datetime | None) -> float:
