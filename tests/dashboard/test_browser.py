@@ -14,8 +14,9 @@ import io
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page, Route, async_playwright
 
 from examples.eshop.run import run_demo
 from tests.dashboard.browser import chromium, keep
@@ -164,8 +165,23 @@ async def _replay(browser: Browser, base: str, transport: str, shots: Path) -> N
         await shot(services, shots, "services.png")
 
         failed = await browser.new_page(viewport={"width": 1500, "height": 800})
+        # The page's event stream is held until the dashboard has the dead letter: the one event
+        # that says so goes out before the page listens (as when a page opens at that moment, or
+        # its stream is reconnecting), and the page must catch up when its stream opens.
+        held = asyncio.Event()
+
+        async def hold(route: Route) -> None:
+            await held.wait()
+            await route.continue_()
+
+        await failed.route("**/events", hold)
         await failed.goto(f"{base}/failed")
+        assert "ledger" not in await failed.inner_text("#failed")
         await till.send(Post(entry="entry-1"), correlation_id="ledger-entry-1")
+        # The record is stored, so its "failed" event has gone to the pages listening then.
+        await _dashboard_has(base, "/fragment/conversation?id=ledger-entry-1", 'data-outcome="dead-lettered"')
+        assert 'data-service="ledger"' in await _dashboard_get(base, "/fragment/failed")
+        held.set()
         # The dead letter appears on the open failed-messages page by itself.
         await failed.wait_for_selector("section.group[data-service='ledger'] tr", timeout=15_000)
         assert "builtins.PermissionError" in await failed.inner_text("section.group[data-service='ledger']")
@@ -188,3 +204,19 @@ async def _replay(browser: Browser, base: str, transport: str, shots: Path) -> N
         await watch.wait_for_selector("svg.sequence g.arrow[data-outcome='handled']", timeout=15_000)
         assert posted == ["entry-1"]
         await shot(watch, shots, "replayed.png")
+
+
+async def _dashboard_get(base: str, path: str) -> str:
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        response = await client.get(path)
+        response.raise_for_status()
+        return response.text
+
+
+async def _dashboard_has(base: str, path: str, text: str) -> None:
+    """Wait until the dashboard serves `text` at `path` (it has ingested what shows it)."""
+    for _ in range(150):
+        if text in await _dashboard_get(base, path):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{path} never showed {text!r}")

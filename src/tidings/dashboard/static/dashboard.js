@@ -1,6 +1,6 @@
 // Live updates for the tidings dashboard: the pages are whole without this script; it listens to
 // /events (server-sent events) and re-fetches the fragments marked data-live whose data-live-on
-// names the event, at most one fetch at a time per fragment.
+// names the event, at most one fetch at a time per fragment, and all of them once the stream opens.
 (function () {
   "use strict";
   var indicator = document.getElementById("live");
@@ -40,7 +40,12 @@
 
   if (!window.EventSource || !document.querySelector("[data-live]")) { state("static", false); return; }
   var source = new EventSource("/events");
-  source.onopen = function () { state("live", true); };
+  // At every (re)connection the fragments are fetched once: what happened between the page being
+  // rendered (or the stream dropping) and the stream opening sent events no one heard.
+  source.onopen = function () {
+    state("live", true);
+    document.querySelectorAll("[data-live]").forEach(refresh);
+  };
   source.onerror = function () { state("reconnecting", false); };
   ["message", "heartbeat", "failed"].forEach(function (kind) {
     source.addEventListener(kind, function (event) {
