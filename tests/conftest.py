@@ -206,11 +206,12 @@ def _dump_tasks(nodeid: str) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _session_vhost not in (None, "/"):
+    vhost = _session_vhost
+    if vhost is not None and vhost != "/":
         try:
-            rabbitmqctl("delete_vhost", _session_vhost)
+            rabbitmqctl("delete_vhost", vhost)
         except (RuntimeError, subprocess.TimeoutExpired) as error:  # the run's result stands
-            print(f"\nthe test vhost {_session_vhost} was not deleted: {error}")
+            print(f"\nthe test vhost {vhost} was not deleted: {error}")
 
 
 @pytest.fixture
