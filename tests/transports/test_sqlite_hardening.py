@@ -91,6 +91,41 @@ async def test_a_write_lock_held_past_busy_timeout_during_a_claim_does_not_end_r
         await worker.close()
 
 
+async def test_run_started_while_another_process_holds_the_write_lock_waits_for_it(tmp_path: Path) -> None:
+    # run() starts its consumer and its heartbeat together: the consumer's first read (does the
+    # queue exist?) goes in one transaction with the heartbeat's publish, which needs the lock.
+    # That read failing ended run() (the CI failure of the test above, when its consumer started
+    # late); it waits for the lock like the claims after it.
+    path = tmp_path / "bus.db"
+    url = f"sqlite:///{path}?busy_timeout=0.2"
+    worker = Bus("worker", url, heartbeat_interval=0.1)
+    worker.route(Job, to="worker")
+    handled: list[int] = []
+
+    @worker.handle(Job)
+    async def job(command: Job, ctx: Context) -> None:
+        handled.append(command.n)
+
+    await worker.start()
+    await worker.send(Job(n=1))
+    runner: asyncio.Task[None] | None = None
+    try:
+        with connection(path) as holder:
+            holder.execute("BEGIN IMMEDIATE")
+            runner = asyncio.create_task(worker.run())
+            await asyncio.sleep(1.0)  # five busy timeouts
+            assert not runner.done(), runner.exception()
+            holder.rollback()
+        await eventually(lambda: handled == [1] or runner.done(), timeout=10)
+        assert not runner.done(), runner.exception()
+        assert handled == [1]
+    finally:
+        worker.stop()
+        if runner is not None:
+            await asyncio.gather(runner, return_exceptions=True)
+        await worker.close()
+
+
 async def test_an_ack_that_meets_a_held_write_lock_does_not_leave_the_message_claimed(tmp_path: Path) -> None:
     path = tmp_path / "bus.db"
     url = f"sqlite:///{path}?busy_timeout=0.2&visibility_timeout=1"

@@ -20,7 +20,8 @@ fail (`TransportError`), their callers decide; but claims and settles, which nob
 anything useful with a failure of, wait it out. They are tried again with backoff (50 ms doubling
 to 1 s; logged once per episode, and once when the lock is free again): a claim for as long as it
 takes, a settle for one visibility timeout. A settle that fails for good gives up its claims (they
-are no longer renewed), so the message comes back after the visibility timeout.
+are no longer renewed), so the message comes back after the visibility timeout. Reads need no
+write lock (WAL): one that shared its batch with writes that met the lock runs again on its own.
 
 And it watches, for the queues its receivers wait on, what other processes commit: `PRAGMA
 data_version` (a read of shared memory, no lock) says whether anyone else committed since the last
@@ -489,6 +490,12 @@ class ConnectionThread:
         except Exception as error:
             if _is_busy(error):
                 self._locked()
+                if write and not all(request.write for request in requests):
+                    # The reads in the batch need no write lock (WAL): they go on without the
+                    # writes. A consumer's first read shared its batch with a heartbeat's publish
+                    # and failed with it, which ended Bus.run().
+                    self._execute(connection, [request for request in requests if not request.write])
+                    requests = [request for request in requests if request.write]
                 requests = self._wait_for_lock(requests)
             elif len(requests) > 1:
                 # One bad request must not fail the others: run each in its own transaction.
@@ -497,7 +504,8 @@ class ConnectionThread:
                 return
             self._fail(requests, error)
             return
-        self._unlocked()
+        if write:  # a read gets through while another process holds the lock: it says nothing
+            self._unlocked()
         self._held.update(batch.claimed)
         self._temporary |= batch.declared
         self._due.update(batch.due)
