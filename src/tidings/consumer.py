@@ -8,12 +8,15 @@ Redelivered messages are handled alone (`isolate_redeliveries`). A message that 
 unsettled (`delivery_count` above 1) may be one on which a process died; if this process dies on it
 too, every message it held unsettled goes back with its count raised, and a good message that sat
 next to a poison one in `prefetch` would reach the delivery limit with it. So such a message waits
-until the handlers in flight have finished, everything prefetched goes back to the queue, and it
-is handled with nothing else unsettled; the loop then takes one message at a time until a first
-delivery (`delivery_count` 1) comes, and widens to `prefetch` and `concurrency` again. A loop
-starts in that careful state, because after a death the queue's head is that process's messages.
-What a death costs then falls on the messages being handled, not on their neighbours
-(docs/guarantees.md says what is left: RabbitMQ before 4.3 counts the messages given back too).
+until the handlers in flight have finished, and nothing else starts until it is settled. Where the
+transport gives back uncounted (`Transport.gives_back_uncounted`: SQLite, memory), everything
+prefetched goes back to the queue too, so it is handled with nothing else unsettled, and the loop
+then takes one message at a time until a first delivery (`delivery_count` 1) comes, and widens to
+`prefetch` and `concurrency` again. RabbitMQ counts a message given back as delivered once more (a
+nack before 4.3, `x-acquired-count` always): there the prefetched messages stay, not started, and
+count once more only if the process dies. A loop starts in the careful state (one at a time),
+because after a death the queue's head is that process's messages. What a death costs then falls
+on the messages being handled, not on their neighbours (docs/guarantees.md says what is left).
 
 Stopping (the loop is cancelled): no new delivery is taken; the handlers in flight get `grace`
 seconds to finish and settle their messages (cut short when `hurry` is set: a second signal).
@@ -81,11 +84,15 @@ async def consume(
             if not isolate_redeliveries:
                 start(process(delivery, queue), delivery)
             elif delivery.delivery_count > 1:
-                if not careful:
-                    # What this receiver prefetched goes back (uncounted where the transport can),
-                    # and nothing more is taken until this one is settled.
+                if not careful and transport.gives_back_uncounted:
+                    # What this receiver prefetched goes back, uncounted, and nothing more is
+                    # taken until this one is settled.
                     await _close(deliveries)
                     deliveries, careful = None, True
+                # Otherwise what was prefetched stays, not started: given back, each of those
+                # messages would come again counted once more, and after a failover instances
+                # taking turns giving back the same redelivered messages pushed them to the
+                # delivery limit. Either way this one runs alone, after the handlers in flight.
                 # Started at once, so that a shutdown meanwhile finds it in flight (and releases it).
                 alone = start(_after(set(in_flight), process, delivery, queue), delivery)
                 await asyncio.wait({alone})

@@ -245,6 +245,7 @@ class RecordingTransport(Transport):
         self.traffic = traffic
         self.record = record
         self.url = inner.url
+        self.gives_back_uncounted = inner.gives_back_uncounted
 
     async def open(self) -> None:
         await self.inner.open()

@@ -86,6 +86,10 @@ class Transport(ABC):
 
     #: The URL this transport was made from, credentials redacted (for messages and logs).
     url: str = ""
+    #: Whether closing a receiver gives back what it prefetched without counting those messages
+    #: as delivered once more. The consumer loop gives prefetched messages back around a
+    #: redelivered one only then (`tidings.consumer`); otherwise it keeps them, not started.
+    gives_back_uncounted: bool = False
 
     @property
     def in_outage(self) -> bool:

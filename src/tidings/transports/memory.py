@@ -129,6 +129,9 @@ class _MemoryDelivery(Delivery):
 class MemoryTransport(Transport):
     """A transport whose queues live in this process's memory."""
 
+    #: Nothing is prefetched beyond what was yielded: closing a receiver gives nothing back.
+    gives_back_uncounted = True
+
     def __init__(
         self,
         broker: MemoryBroker | None = None,

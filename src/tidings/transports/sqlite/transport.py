@@ -199,6 +199,9 @@ class _SQLiteDelivery(Delivery):
 class SQLiteTransport(Transport):
     """A transport whose queues are tables in one SQLite file, shared by local processes."""
 
+    #: Prefetched rows never handed out go back with their count taken back (`queries.release`).
+    gives_back_uncounted = True
+
     def __init__(self, settings: SQLiteSettings, *, url: str | None = None) -> None:
         self.settings = settings
         self.url = url if url is not None else f"sqlite:///{settings.path}"
