@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,17 +56,24 @@ def rows_in(path: Path, queue: str) -> int:
     return int(count)
 
 
-async def test_a_write_lock_held_past_busy_timeout_during_a_claim_does_not_end_run(tmp_path: Path) -> None:
-    path = tmp_path / "bus.db"
-    url = f"sqlite:///{path}?busy_timeout=0.2"
-    worker = Bus("worker", url)
-    producer = Bus("producer", url)
-    producer.route(Job, to="worker")
+def worker_handling_jobs(url: str, **options: Any) -> tuple[Bus, list[int]]:
+    """A bus "worker" whose handler notes the number of each `Job` it handles."""
+    worker = Bus("worker", url, **options)
     handled: list[int] = []
 
     @worker.handle(Job)
     async def job(command: Job, ctx: Context) -> None:
         handled.append(command.n)
+
+    return worker, handled
+
+
+async def test_a_write_lock_held_past_busy_timeout_during_a_claim_does_not_end_run(tmp_path: Path) -> None:
+    path = tmp_path / "bus.db"
+    url = f"sqlite:///{path}?busy_timeout=0.2"
+    worker, handled = worker_handling_jobs(url)
+    producer = Bus("producer", url)
+    producer.route(Job, to="worker")
 
     await worker.start()
     runner = asyncio.create_task(worker.run())
@@ -98,13 +106,8 @@ async def test_run_started_while_another_process_holds_the_write_lock_waits_for_
     # late); it waits for the lock like the claims after it.
     path = tmp_path / "bus.db"
     url = f"sqlite:///{path}?busy_timeout=0.2"
-    worker = Bus("worker", url, heartbeat_interval=0.1)
+    worker, handled = worker_handling_jobs(url, heartbeat_interval=0.1)
     worker.route(Job, to="worker")
-    handled: list[int] = []
-
-    @worker.handle(Job)
-    async def job(command: Job, ctx: Context) -> None:
-        handled.append(command.n)
 
     await worker.start()
     await worker.send(Job(n=1))

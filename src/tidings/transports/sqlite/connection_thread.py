@@ -490,11 +490,12 @@ class ConnectionThread:
         except Exception as error:
             if _is_busy(error):
                 self._locked()
-                if write and not all(request.write for request in requests):
+                reads = [request for request in requests if not request.write]
+                if write and reads:
                     # The reads in the batch need no write lock (WAL): they go on without the
                     # writes. A consumer's first read shared its batch with a heartbeat's publish
                     # and failed with it, which ended Bus.run().
-                    self._execute(connection, [request for request in requests if not request.write])
+                    self._execute(connection, reads)
                     requests = [request for request in requests if request.write]
                 requests = self._wait_for_lock(requests)
             elif len(requests) > 1:
